@@ -1,0 +1,499 @@
+"""Configuration: one dataclass per component, loaded from YAML with
+``--set section.key=value`` overrides.
+
+Every component receives its own sub-config (``ModelConfig``, ``MoEConfig``,
+...), never the whole :class:`Config`. Unknown keys and wrong types are errors;
+cross-field rules live in :meth:`Config.validate`. Every error is a
+:class:`ConfigError` whose message names the field path and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. The message names the field path."""
+
+
+# ----------------------------------------------------------------------------
+# Sub-configs
+
+
+@dataclass
+class RopeScalingConfig:
+    """Context-length scaling of RoPE (transformers' ``rope_scaling`` names)."""
+
+    type: str = "linear"
+    """linear (position interpolation) | ntk (NTK-aware) | dynamic (dynamic NTK) | yarn."""
+    factor: float = 1.0
+    """Scale s = L'/L: the new context length over the trained one."""
+    original_max_position_embeddings: Optional[int] = None
+    """Trained context length L; needed by dynamic and yarn (defaults to model.max_seq_len)."""
+    beta_fast: float = 32.0
+    """YaRN: rotations above which a dimension is not interpolated."""
+    beta_slow: float = 1.0
+    """YaRN: rotations below which a dimension is fully interpolated."""
+    attention_factor: Optional[float] = None
+    """YaRN: cos/sin magnitude; None means 0.1*ln(s)+1 as in the paper."""
+
+
+@dataclass
+class RopeConfig:
+    """Rotary position embedding (RoFormer, arXiv 2104.09864)."""
+
+    base: float = 10000.0
+    """theta base."""
+    layout: str = "half"
+    """half (GPT-NeoX/LLaMA rotate_half) | interleaved (RoFormer/GPT-J/ChatGLM pairs)."""
+    rotary_fraction: float = 1.0
+    """Fraction of each head's dims that rotate (ChatGLM: 0.5); the rest pass through."""
+    scaling: Optional[RopeScalingConfig] = None
+    """Optional context-length scaling; null means none."""
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer."""
+
+    vocab_size: int = 256
+    """Vocabulary size (256 for the byte tokenizer)."""
+    hidden_size: int = 128
+    """Model width D."""
+    num_layers: int = 2
+    """Number of transformer blocks."""
+    num_heads: int = 4
+    """Attention heads H."""
+    num_kv_heads: Optional[int] = None
+    """Key/value heads for grouped-query attention; null means num_heads."""
+    ffn_hidden_size: Optional[int] = None
+    """Dense MLP hidden size F; null means 4*hidden (gelu) or 8/3*hidden rounded to 8 (swiglu)."""
+    norm: str = "rmsnorm"
+    """rmsnorm | layernorm."""
+    norm_eps: float = 1e-5
+    """Epsilon of the norms."""
+    activation: str = "swiglu"
+    """swiglu | gelu, for the dense MLP and the experts."""
+    position_embedding: str = "rope"
+    """rope | alibi."""
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    """RoPE settings, used when position_embedding is rope."""
+    max_seq_len: int = 256
+    """Longest sequence the model is trained on."""
+    tie_embeddings: bool = False
+    """Share the token embedding with the LM head."""
+    init_std: float = 0.02
+    """Std of the normal init (Megatron); output projections get init_std/sqrt(2*num_layers)."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        if self.activation == "swiglu":
+            return int(math.ceil(8 * self.hidden_size / 3 / 8) * 8)
+        return 4 * self.hidden_size
+
+
+@dataclass
+class MoEConfig:
+    """A Mixture-of-Experts layer. ``hidden_size``, ``ffn_hidden_size`` and
+    ``activation`` may be left null: the model fills them from ModelConfig."""
+
+    num_experts: int = 8
+    """Experts E in each MoE layer. 0 turns MoE off (every block dense)."""
+    top_k: int = 2
+    """Experts per token K (token choice)."""
+    router: str = "token_choice"
+    """token_choice | expert_choice."""
+    score_order: str = "softmax_then_topk"
+    """softmax_then_topk (Switch, GShard, DeepSeek) | topk_then_softmax (Mixtral)."""
+    normalize_topk: bool = True
+    """Renormalise the K chosen gates to sum to 1 (softmax_then_topk only)."""
+    capacity_factor: Optional[float] = None
+    """Token choice: slots per expert = ceil(c*T*K/E), null means dropless.
+    Expert choice: c in k = T*c/E, null means the paper's c = 2."""
+    min_capacity: int = 0
+    """Token choice: lower bound on the slots per expert when capacity applies."""
+    capacity_priority: str = "position"
+    """Token choice, who keeps a slot: position (causal-safe: all choices of
+    position t before any of t+1) | gshard (all first choices of the group
+    first: leaks the future in a causal LM)."""
+    expert_choice_group: str = "position"
+    """Expert choice routing group: position (causal-safe: one position across
+    the batch) | batch (the paper's: all tokens of the batch; leaks the future)."""
+    layer_freq: int = 1
+    """Every layer_freq-th block is MoE (1: all blocks)."""
+    num_shared_experts: int = 0
+    """Always-on experts added to every token (DeepSeek)."""
+    noisy_gating: bool = False
+    """Shazeer 2017 noisy top-k gating (training only)."""
+    jitter_eps: float = 0.0
+    """Switch input jitter: multiply router input by U(1-eps, 1+eps) in training."""
+    aux_loss: str = "switch"
+    """switch | shazeer | none: the load-balancing loss."""
+    aux_loss_coef: float = 1e-2
+    """Weight of the load-balancing loss (Switch alpha; Shazeer w)."""
+    z_loss_coef: float = 0.0
+    """ST-MoE router z-loss weight (beta; 1e-3 in the paper); 0 turns it off."""
+    expert_impl: str = "grouped"
+    """grouped (fast: tokens sorted by expert) | reference (slow masked loop)."""
+    hidden_size: Optional[int] = None
+    """Model width D; null means model.hidden_size."""
+    ffn_hidden_size: Optional[int] = None
+    """Hidden size of each expert; null means model's dense ffn size."""
+    activation: Optional[str] = None
+    """swiglu | gelu; null means model.activation."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+
+@dataclass
+class ParallelConfig:
+    """How ranks are arranged. Data parallelism is derived: dp = world / tp."""
+
+    expert_parallel_size: int = 1
+    """EP: ranks that share one layer's experts; num_experts must divide by it."""
+    tensor_parallel_size: int = 1
+    """TP: ranks that split attention and dense MLP matrices (megatron-core)."""
+    backend: Optional[str] = None
+    """torch.distributed backend; null picks nccl with CUDA, gloo otherwise."""
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from."""
+
+    dataset: str = "shakespeare"
+    """shakespeare (bundled, offline) | stdlib (Python's own source) | a directory from prepare-data."""
+    tokenizer: str = "byte"
+    """byte (no download) | path to a local Hugging Face tokenizer.json."""
+    val_fraction: float = 0.05
+    """Share of the corpus held out for validation."""
+    cache_dir: Optional[str] = None
+    """Where prepared token files of the built-in corpora are cached; null means ~/.cache/moe_train."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop (Megatron's meaning for the batch sizes)."""
+
+    max_steps: int = 200
+    """Optimizer steps."""
+    seed: int = 1234
+    """Seed of init and data order."""
+    precision: str = "fp32"
+    """fp32 | bf16 (autocast; router and RoPE stay fp32)."""
+    run_dir: Optional[str] = None
+    """Run directory (config.yaml, tb/, metrics.jsonl, checkpoints/); null means runs/<time>."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step, across all data-parallel ranks."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward; accumulation = global / (micro * dp)."""
+    seq_len: int = 128
+    """Tokens per training sequence."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr: float = 3e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW decay (not applied to norms, biases and embeddings... see docs)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 turns it off."""
+    log_every: int = 10
+    """Steps between metric logs."""
+    eval_every: int = 100
+    """Steps between validation; 0 turns it off."""
+    eval_iters: int = 4
+    """Validation batches per evaluation."""
+    save_every: int = 100
+    """Steps between checkpoints (one is always written at the end); 0 means only at the end."""
+    keep_last: int = 3
+    """Checkpoints kept."""
+    heatmap_every: int = 50
+    """Steps between the layers x experts load heatmap image."""
+    deepspeed_config: Optional[str] = None
+    """Path of a DeepSpeed JSON config; set means the DeepSpeed engine trains."""
+
+
+@dataclass
+class Config:
+    """The whole run. Each component receives only its own section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, world_size: Optional[int] = None) -> "Config":
+        """Cross-field checks. Raises ConfigError naming the field path."""
+        validate(self, world_size)
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------
+# Allowed values and cross-field validation
+
+CHOICES = {
+    "model.norm": ("rmsnorm", "layernorm"),
+    "model.activation": ("swiglu", "gelu"),
+    "model.position_embedding": ("rope", "alibi"),
+    "model.rope.layout": ("half", "interleaved"),
+    "model.rope.scaling.type": ("linear", "ntk", "dynamic", "yarn"),
+    "moe.router": ("token_choice", "expert_choice"),
+    "moe.score_order": ("softmax_then_topk", "topk_then_softmax"),
+    "moe.capacity_priority": ("position", "gshard"),
+    "moe.expert_choice_group": ("position", "batch"),
+    "moe.aux_loss": ("switch", "shazeer", "none"),
+    "moe.activation": ("swiglu", "gelu", None),
+    "moe.expert_impl": ("grouped", "reference"),
+    "parallel.backend": ("nccl", "gloo", None),
+    "train.precision": ("fp32", "bf16"),
+}
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _walk(obj: Any, prefix: str):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        yield path, value
+        if dataclasses.is_dataclass(value):
+            yield from _walk(value, path)
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+    """Check every cross-field rule of ``cfg``; ``world_size`` adds the
+    parallel-layout rules. Raises ConfigError."""
+    for path, value in _walk(cfg, ""):
+        if path in CHOICES:
+            allowed = CHOICES[path]
+            _check(value in allowed, f"{path} ({value!r}) must be one of: "
+                   + ", ".join("null" if a is None else a for a in allowed))
+
+    m, e, p, t, d = cfg.model, cfg.moe, cfg.parallel, cfg.train, cfg.data
+    for path, value in _walk(cfg, ""):
+        if path.endswith(("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_len",
+                          "max_steps", "global_batch_size", "micro_batch_size", "seq_len",
+                          "expert_parallel_size", "tensor_parallel_size", "layer_freq",
+                          "top_k", "eval_iters", "keep_last", "log_every")) and value is not None:
+            _check(value >= 1, f"{path} ({value}) must be >= 1")
+    _check(m.hidden_size % m.num_heads == 0,
+           f"model.num_heads ({m.num_heads}) must divide model.hidden_size ({m.hidden_size})")
+    _check(m.kv_heads >= 1 and m.num_heads % m.kv_heads == 0,
+           f"model.num_kv_heads ({m.num_kv_heads}) must divide model.num_heads ({m.num_heads})")
+    _check(0.0 < m.rope.rotary_fraction <= 1.0,
+           f"model.rope.rotary_fraction ({m.rope.rotary_fraction}) must be in (0, 1]")
+    rot = int(m.head_dim * m.rope.rotary_fraction)
+    _check(m.position_embedding != "rope" or (rot >= 2 and rot % 2 == 0),
+           f"model.rope.rotary_fraction ({m.rope.rotary_fraction}) times head_dim ({m.head_dim}) "
+           "must give an even number of rotary dims >= 2")
+    _check(m.rope.base > 0, f"model.rope.base ({m.rope.base}) must be > 0")
+    if m.rope.scaling is not None:
+        _check(m.rope.scaling.factor >= 1.0,
+               f"model.rope.scaling.factor ({m.rope.scaling.factor}) must be >= 1")
+    _check(m.init_std > 0, f"model.init_std ({m.init_std}) must be > 0")
+
+    _check(e.num_experts >= 0, f"moe.num_experts ({e.num_experts}) must be >= 0")
+    if e.enabled:
+        _check(e.top_k <= e.num_experts,
+               f"moe.top_k ({e.top_k}) must be <= moe.num_experts ({e.num_experts})")
+        _check(e.capacity_factor is None or e.capacity_factor > 0,
+               f"moe.capacity_factor ({e.capacity_factor}) must be > 0, or null for dropless")
+        _check(e.min_capacity >= 0, f"moe.min_capacity ({e.min_capacity}) must be >= 0")
+        _check(e.num_shared_experts >= 0,
+               f"moe.num_shared_experts ({e.num_shared_experts}) must be >= 0")
+        _check(0.0 <= e.jitter_eps < 1.0, f"moe.jitter_eps ({e.jitter_eps}) must be in [0, 1)")
+        _check(e.aux_loss_coef >= 0, f"moe.aux_loss_coef ({e.aux_loss_coef}) must be >= 0")
+        _check(e.z_loss_coef >= 0, f"moe.z_loss_coef ({e.z_loss_coef}) must be >= 0")
+        _check(e.num_experts % p.expert_parallel_size == 0,
+               f"moe.num_experts ({e.num_experts}) must be divisible by "
+               f"parallel.expert_parallel_size ({p.expert_parallel_size})")
+    else:
+        _check(p.expert_parallel_size == 1,
+               "parallel.expert_parallel_size must be 1 when moe.num_experts is 0")
+
+    _check(t.seq_len <= m.max_seq_len,
+           f"train.seq_len ({t.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})")
+    _check(t.lr > 0, f"train.lr ({t.lr}) must be > 0")
+    _check(0 <= t.min_lr <= t.lr, f"train.min_lr ({t.min_lr}) must be in [0, train.lr]")
+    _check(t.warmup_steps >= 0, f"train.warmup_steps ({t.warmup_steps}) must be >= 0")
+    _check(t.weight_decay >= 0, f"train.weight_decay ({t.weight_decay}) must be >= 0")
+    _check(t.grad_clip >= 0, f"train.grad_clip ({t.grad_clip}) must be >= 0")
+    _check(t.save_every >= 0, f"train.save_every ({t.save_every}) must be >= 0")
+    _check(t.eval_every >= 0, f"train.eval_every ({t.eval_every}) must be >= 0")
+    _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction ({d.val_fraction}) must be in (0, 1)")
+
+    tp = p.tensor_parallel_size
+    _check(m.num_heads % tp == 0 and m.kv_heads % tp == 0,
+           f"parallel.tensor_parallel_size ({tp}) must divide model.num_heads ({m.num_heads}) "
+           f"and model.num_kv_heads ({m.kv_heads})")
+    if world_size is not None:
+        _check(world_size % tp == 0,
+               f"parallel.tensor_parallel_size ({tp}) must divide the world size ({world_size})")
+        dp = world_size // tp
+        _check(dp % p.expert_parallel_size == 0,
+               f"parallel.expert_parallel_size ({p.expert_parallel_size}) must divide the "
+               f"data-parallel size ({dp} = world {world_size} / tp {tp})")
+        _check(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+               f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
+               f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp})")
+    else:
+        _check(t.global_batch_size % t.micro_batch_size == 0,
+               f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
+               f"train.micro_batch_size ({t.micro_batch_size})")
+
+
+# ----------------------------------------------------------------------------
+# Building from dicts, YAML and --set overrides
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(path: str, tp: Any, value: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(path, args[0], value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, path)
+    if value is None:
+        raise ConfigError(f"{path} must be a {_type_name(tp)}, got null")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path} must be a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: Any, data: Dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key {path}; allowed: {', '.join(sorted(names))}")
+        kwargs[key] = _coerce(path, hints[key], value)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a raw dict."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} must look like section.key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {part} is not a section")
+            node = child
+        node[parts[-1]] = _parse_scalar(text)
+    return data
+
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
+                world_size: Optional[int] = None) -> Config:
+    """Load YAML at ``path`` (the embedded tiny config when None), apply
+    overrides, build and validate. Raises ConfigError with a one-line message."""
+    path = path or DEFAULT_CONFIG
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}")
+    return config_from_dict(data, overrides, world_size)
+
+
+def config_from_dict(data: Dict[str, Any], overrides: Optional[List[str]] = None,
+                     world_size: Optional[int] = None) -> Config:
+    """Build and validate a Config from a raw dict plus overrides."""
+    data = apply_overrides(dict(data or {}), overrides or [])
+    cfg = from_dict(Config, data)
+    cfg.validate(world_size)
+    return cfg
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the resolved config as YAML."""
+    with open(path, "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+
+
+def moe_for_model(moe: MoEConfig, model: ModelConfig) -> MoEConfig:
+    """Fill the MoE layer's sizes that were left null from the model."""
+    return dataclasses.replace(
+        moe,
+        hidden_size=moe.hidden_size or model.hidden_size,
+        ffn_hidden_size=moe.ffn_hidden_size or model.ffn_size,
+        activation=moe.activation or model.activation,
+    )

@@ -1,0 +1,48 @@
+"""The one type every router returns and every dispatcher consumes.
+
+Legend: T tokens (flattened [B,S] in row-major order, t = b*S + s),
+D hidden, E experts, N kept (token, expert) assignments.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict
+
+import torch
+
+
+@dataclass
+class RoutingDecision:
+    """Which (token, expert) pairs are computed, with their gate weights.
+
+    Token choice and expert choice both produce this, so the dispatcher and
+    the experts never know which router ran. Assignments dropped by capacity
+    are simply absent.
+    """
+
+    token_index: torch.Tensor
+    """[N] long: row of the flattened input x_TD each assignment reads."""
+    expert_index: torch.Tensor
+    """[N] long in [0, E): the global expert of each assignment."""
+    weight: torch.Tensor
+    """[N] fp32: gate that scales the expert's output in combine."""
+    logits: torch.Tensor
+    """[T, E] fp32 router logits (before noise)."""
+    probs: torch.Tensor
+    """[T, E] fp32 router probabilities softmax(logits)."""
+    num_experts: int
+    """E."""
+    dropped_fraction: torch.Tensor
+    """0-d: share of requested assignments dropped by capacity (token choice),
+    or share of tokens that no expert chose (expert choice)."""
+    losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+    """Weighted auxiliary losses, one entry per enabled loss (e.g.
+    "load_balancing", "z_loss"); their sum is added to the LM loss."""
+
+    @property
+    def num_tokens(self) -> int:
+        return self.logits.shape[0]
+
+    def tokens_per_expert(self) -> torch.Tensor:
+        """[E] long: assignments kept per expert."""
+        return torch.bincount(self.expert_index, minlength=self.num_experts)

@@ -122,7 +122,8 @@ class MoEConfig:
     score_order: str = "softmax_then_topk"
     """softmax_then_topk (Switch, GShard, DeepSeek) | topk_then_softmax (Mixtral)."""
     normalize_topk: bool = True
-    """Renormalise the K chosen gates to sum to 1 (softmax_then_topk only)."""
+    """Renormalise the K chosen gates to sum to 1 (softmax_then_topk with
+    top_k > 1; at top_k 1 Switch keeps the raw probability as the gate)."""
     capacity_factor: Optional[float] = None
     """Token choice: slots per expert = ceil(c*T*K/E), null means dropless.
     Expert choice: c in k = T*c/E, null means the paper's c = 2."""
@@ -330,6 +331,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _check(e.capacity_factor is None or e.capacity_factor > 0,
                f"moe.capacity_factor ({e.capacity_factor}) must be > 0, or null for dropless")
         _check(e.min_capacity >= 0, f"moe.min_capacity ({e.min_capacity}) must be >= 0")
+        _check(not (e.router == "expert_choice" and e.noisy_gating),
+               "moe.noisy_gating applies to moe.router token_choice only")
         _check(e.num_shared_experts >= 0,
                f"moe.num_shared_experts ({e.num_shared_experts}) must be >= 0")
         _check(0.0 <= e.jitter_eps < 1.0, f"moe.jitter_eps ({e.jitter_eps}) must be in [0, 1)")

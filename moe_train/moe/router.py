@@ -1,0 +1,243 @@
+"""Routers: token choice (top-k, noisy gating, jitter, capacity) and expert
+choice (Zhou et al. 2022). Both return a RoutingDecision.
+
+Legend: T tokens (t = b*S + s), B batch rows, S positions, D hidden,
+E experts, K top-k, k_ec tokens each expert picks per group, G routing groups.
+
+All router math runs in fp32 with autocast disabled (Switch "selective
+precision": bf16 routers diverged, Switch Table 2).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe_train.config import MoEConfig
+from moe_train.moe import losses as L
+from moe_train.moe.capacity import capacity_keep_mask, expert_choice_k, token_capacity
+from moe_train.moe.routing import RoutingDecision
+
+ROUTER_INIT_STD = 0.02
+
+
+def _fp32_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
+    # Autocast would run this matmul in bf16; routing decisions must not.
+    with torch.autocast(device_type=x_TD.device.type, enabled=False):
+        return x_TD.float() @ weight_ED.float().t()
+
+
+def _jitter(x_TD: torch.Tensor, eps: float) -> torch.Tensor:
+    """Switch input jitter: x * U(1-eps, 1+eps), elementwise."""
+    noise = torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+    return x_TD * noise
+
+
+class TokenChoiceRouter(nn.Module):
+    """Each token picks its top-K experts (Switch K=1, GShard/Mixtral K=2).
+
+    ``score_order``: softmax_then_topk (gates = the K largest softmax probs,
+    renormalised to sum 1 if ``normalize_topk``) or topk_then_softmax
+    (Mixtral: softmax over the K chosen logits). ``noisy_gating`` adds
+    Shazeer's learned Gaussian noise to the logits in training;
+    ``jitter_eps`` multiplies the router input by U(1-eps, 1+eps) in training.
+    With ``capacity_factor`` set, assignments beyond an expert's capacity are
+    dropped in ``capacity_priority`` order.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        if cfg.hidden_size is None:
+            raise ValueError("moe.hidden_size must be filled before building the router")
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.top_k
+        self.score_order = cfg.score_order
+        self.normalize_topk = cfg.normalize_topk
+        self.capacity_factor = cfg.capacity_factor
+        self.min_capacity = cfg.min_capacity
+        self.capacity_priority = cfg.capacity_priority
+        self.noisy_gating = cfg.noisy_gating
+        self.jitter_eps = cfg.jitter_eps
+        self.aux_loss = cfg.aux_loss
+        self.aux_loss_coef = cfg.aux_loss_coef
+        self.z_loss_coef = cfg.z_loss_coef
+        if self.score_order not in ("softmax_then_topk", "topk_then_softmax"):
+            raise ValueError(f"moe.score_order ({self.score_order!r}) must be one of: "
+                             "softmax_then_topk, topk_then_softmax")
+        if self.aux_loss not in ("switch", "shazeer", "none"):
+            raise ValueError(f"moe.aux_loss ({self.aux_loss!r}) must be one of: switch, shazeer, none")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"moe.top_k ({self.top_k}) must be <= moe.num_experts ({self.num_experts})")
+        # [E, D], the layout of nn.Linear.weight (and Mixtral's router).
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        if self.noisy_gating:
+            self.noise_weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        else:
+            self.register_parameter("noise_weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Shazeer starts W_g and W_noise at zero (uniform routing with noise
+        doing the exploring); otherwise normal(0, 0.02)."""
+        if self.noisy_gating:
+            nn.init.zeros_(self.weight)
+            nn.init.zeros_(self.noise_weight)
+        else:
+            nn.init.normal_(self.weight, mean=0.0, std=ROUTER_INIT_STD)
+
+    def select(self, scores_TE: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Top-K experts and their gates from selection scores ``scores_TE``
+        (logits, possibly noisy). Returns (expert_ids_TK long, gates_TK fp32)."""
+        if self.score_order == "softmax_then_topk":
+            gates_TK, ids_TK = scores_TE.softmax(-1).topk(self.top_k, dim=-1)
+            # With K=1 renormalising would make every gate 1 and cut the
+            # router off from the LM gradient, so Switch keeps the raw prob.
+            if self.normalize_topk and self.top_k > 1:
+                gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True)
+        else:
+            top_logits_TK, ids_TK = scores_TE.topk(self.top_k, dim=-1)
+            gates_TK = top_logits_TK.softmax(-1)
+        return ids_TK, gates_TK
+
+    def forward(self, x_TD: torch.Tensor, batch: int, seq: int) -> RoutingDecision:
+        """Route the T = batch*seq rows of ``x_TD`` (row t = b*seq + s)."""
+        T = x_TD.shape[0]
+        if T != batch * seq:
+            raise ValueError(f"router got {T} tokens, expected batch*seq = {batch}*{seq}")
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            x_TD = x_TD.float()
+            if self.training and self.jitter_eps > 0:
+                x_TD = _jitter(x_TD, self.jitter_eps)
+            logits_TE = _fp32_logits(x_TD, self.weight)
+            scores_TE, noise_std_TE = logits_TE, None
+            if self.noisy_gating:
+                noise_std_TE = F.softplus(_fp32_logits(x_TD, self.noise_weight))
+                if self.training:
+                    scores_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
+            ids_TK, gates_TK = self.select(scores_TE)
+            losses = self._losses(logits_TE, scores_TE, noise_std_TE, ids_TK, gates_TK)
+
+            capacity = token_capacity(T, self.top_k, self.num_experts,
+                                      self.capacity_factor, self.min_capacity)
+            keep_TK = capacity_keep_mask(ids_TK, self.num_experts, capacity, batch, seq,
+                                         self.capacity_priority)
+            token_TK = torch.arange(T, device=x_TD.device)[:, None].expand(T, self.top_k)
+            dropped = 1.0 - keep_TK.sum().float() / keep_TK.numel()
+            return RoutingDecision(
+                token_index=token_TK[keep_TK],
+                expert_index=ids_TK[keep_TK],
+                weight=gates_TK[keep_TK],
+                logits=logits_TE,
+                probs=logits_TE.softmax(-1),
+                num_experts=self.num_experts,
+                dropped_fraction=dropped,
+                losses=losses,
+            )
+
+    def _losses(self, logits_TE, scores_TE, noise_std_TE, ids_TK, gates_TK) -> Dict[str, torch.Tensor]:
+        # Balancing losses see the pre-capacity top-K choice and the scores
+        # that made it (noisy in training with noisy gating).
+        out: Dict[str, torch.Tensor] = {}
+        if self.aux_loss == "switch":
+            out["load_balancing"] = L.switch_load_balancing_loss(
+                scores_TE.softmax(-1), ids_TK, self.aux_loss_coef)
+        elif self.aux_loss == "shazeer":
+            gates_TE = torch.zeros_like(scores_TE).scatter(-1, ids_TK, gates_TK)
+            out["importance"] = L.importance_loss(gates_TE, self.aux_loss_coef)
+            if self.noisy_gating and self.training and self.top_k < self.num_experts:
+                load_E = L.smooth_load(logits_TE, scores_TE, noise_std_TE, self.top_k)
+            else:
+                load_E = L.count_load(ids_TK, self.num_experts)
+            out["load"] = L.load_loss(load_E, self.aux_loss_coef)
+        if self.z_loss_coef > 0:
+            out["z_loss"] = L.z_loss(logits_TE, self.z_loss_coef)
+        return out
+
+
+class ExpertChoiceRouter(nn.Module):
+    """Each expert picks its top-k_ec tokens of a routing group (Zhou et al.
+    2022, Eq 1-4): S = softmax(x W_g) over experts; gate G[e, t] = S[t, e];
+    no renormalisation; a token gets 0..E experts; no balancing loss.
+
+    ``expert_choice_group``: ``position`` (causal-safe: group s = the B tokens
+    at position s) or ``batch`` (the paper's: one group of all B*S tokens,
+    which lets a sequence's later tokens evict its earlier ones).
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        if cfg.hidden_size is None:
+            raise ValueError("moe.hidden_size must be filled before building the router")
+        if cfg.noisy_gating:
+            raise ValueError("moe.noisy_gating applies to moe.router = token_choice only")
+        if cfg.expert_choice_group not in ("position", "batch"):
+            raise ValueError(f"moe.expert_choice_group ({cfg.expert_choice_group!r}) must be one of: "
+                             "position, batch")
+        if cfg.expert_choice_group == "batch":
+            warnings.warn("moe.expert_choice_group = batch routes over all tokens of the batch: "
+                          "in a causal LM a sequence's later tokens change which earlier tokens "
+                          "get experts (leaks the future). Use position for decoders.",
+                          stacklevel=2)
+        self.num_experts = cfg.num_experts
+        self.capacity_factor = cfg.capacity_factor
+        self.group = cfg.expert_choice_group
+        self.jitter_eps = cfg.jitter_eps
+        self.z_loss_coef = cfg.z_loss_coef
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """normal(0, 0.02)."""
+        nn.init.normal_(self.weight, mean=0.0, std=ROUTER_INIT_STD)
+
+    def forward(self, x_TD: torch.Tensor, batch: int, seq: int) -> RoutingDecision:
+        """Route the T = batch*seq rows of ``x_TD`` (row t = b*seq + s)."""
+        T, E = x_TD.shape[0], self.num_experts
+        if T != batch * seq:
+            raise ValueError(f"router got {T} tokens, expected batch*seq = {batch}*{seq}")
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            x_TD = x_TD.float()
+            if self.training and self.jitter_eps > 0:
+                x_TD = _jitter(x_TD, self.jitter_eps)
+            logits_TE = _fp32_logits(x_TD, self.weight)
+            probs_TE = logits_TE.softmax(-1)
+            if self.group == "position":
+                # Group s holds row b at member index b: t = b*seq + s.
+                scores_GET = probs_TE.view(batch, seq, E).permute(1, 2, 0)          # [S, E, B]
+                k = expert_choice_k(batch, E, self.capacity_factor)
+                gates_GEk, member_GEk = scores_GET.topk(k, dim=-1)
+                group_G = torch.arange(seq, device=x_TD.device)
+                token_GEk = member_GEk * seq + group_G[:, None, None]
+            else:
+                scores_GET = probs_TE.t().unsqueeze(0)                                 # [1, E, T]
+                k = expert_choice_k(T, E, self.capacity_factor)
+                gates_GEk, token_GEk = scores_GET.topk(k, dim=-1)
+            expert_GEk = torch.arange(E, device=x_TD.device)[None, :, None].expand_as(token_GEk)
+            token_index = token_GEk.reshape(-1)
+            chosen_T = torch.zeros(T, dtype=torch.bool, device=x_TD.device)
+            chosen_T[token_index] = True
+            losses: Dict[str, torch.Tensor] = {}
+            if self.z_loss_coef > 0:
+                losses["z_loss"] = L.z_loss(logits_TE, self.z_loss_coef)
+            return RoutingDecision(
+                token_index=token_index,
+                expert_index=expert_GEk.reshape(-1),
+                weight=gates_GEk.reshape(-1),
+                logits=logits_TE,
+                probs=probs_TE,
+                num_experts=E,
+                dropped_fraction=1.0 - chosen_T.float().mean(),
+                losses=losses,
+            )
+
+
+def build_router(cfg: MoEConfig) -> nn.Module:
+    """The router ``cfg.router`` names (token_choice | expert_choice)."""
+    if cfg.router == "token_choice":
+        return TokenChoiceRouter(cfg)
+    if cfg.router == "expert_choice":
+        return ExpertChoiceRouter(cfg)
+    raise ValueError(f"moe.router ({cfg.router!r}) must be one of: token_choice, expert_choice")

@@ -1,0 +1,108 @@
+"""The MoE layer: route, dispatch, run the experts, combine, add shared experts.
+
+Legend: B batch rows, S positions, T = B*S tokens (t = b*S + s), D hidden,
+F expert ffn, E experts, N kept (token, expert) assignments.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from moe_train.config import MoEConfig
+from moe_train.model.mlp import MLP
+from moe_train.moe.dispatcher import LocalDispatcher
+from moe_train.moe.experts import Experts
+from moe_train.moe.router import build_router
+
+EXPERT_IMPLS = ("grouped", "reference")
+
+
+@dataclass
+class MoEOutput:
+    """What one MoE layer returns."""
+
+    output: torch.Tensor
+    """[B,S,D], same dtype as the input."""
+    aux_loss: torch.Tensor
+    """0-d fp32: sum of the weighted router losses (zero if none)."""
+    losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+    """Each weighted router loss by name (e.g. load_balancing, z_loss)."""
+    stats: Dict[str, torch.Tensor] = field(default_factory=dict)
+    """Detached: tokens_per_expert [E] long (global experts), dropped_fraction 0-d."""
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts feed-forward layer.
+
+    ``hidden_size``, ``ffn_hidden_size`` and ``activation`` fill the fields of
+    ``cfg`` that are None (the model passes its own); values set in ``cfg``
+    win. Submodules: ``router``, ``experts`` and ``shared_experts`` (one MLP of
+    width num_shared_experts*F applied to every token, or None).
+    ``dispatcher`` is a plain attribute holding no parameters; expert
+    parallelism replaces it together with ``experts``.
+    """
+
+    def __init__(self, cfg: MoEConfig, hidden_size: Optional[int] = None,
+                 ffn_hidden_size: Optional[int] = None, activation: Optional[str] = None,
+                 init_std: float = 0.02, output_std: Optional[float] = None):
+        super().__init__()
+        cfg = dataclasses.replace(
+            cfg,
+            hidden_size=cfg.hidden_size if cfg.hidden_size is not None else hidden_size,
+            ffn_hidden_size=cfg.ffn_hidden_size if cfg.ffn_hidden_size is not None else ffn_hidden_size,
+            activation=cfg.activation if cfg.activation is not None else activation,
+        )
+        for name in ("hidden_size", "ffn_hidden_size", "activation"):
+            if getattr(cfg, name) is None:
+                raise ValueError(f"moe.{name} is not set: put it in the config or pass "
+                                 f"{name}= to MoELayer (the model passes its own)")
+        if cfg.num_experts < 1:
+            raise ValueError(f"moe.num_experts ({cfg.num_experts}) must be >= 1 for an MoE layer")
+        if cfg.expert_impl not in EXPERT_IMPLS:
+            raise ValueError(f"moe.expert_impl ({cfg.expert_impl!r}) must be one of: "
+                             + ", ".join(EXPERT_IMPLS))
+        self.cfg = cfg
+        self.router = build_router(cfg)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.ffn_hidden_size,
+                               cfg.activation, init_std, output_std)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.num_shared_experts * cfg.ffn_hidden_size, cfg.activation,
+                init_std, output_std)
+            if cfg.num_shared_experts > 0 else None)
+        self.dispatcher = LocalDispatcher()
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        """Route every token of ``x [B,S,D]`` and return an :class:`MoEOutput`."""
+        B, S, D = x.shape
+        x_TD = x.reshape(B * S, D)
+        decision = self.router(x_TD, B, S)
+        if self.cfg.expert_impl == "reference":
+            y_TD = self.experts.reference_forward(x_TD, decision)
+        else:
+            x_routed_ND, tokens_per_local_expert, meta = self.dispatcher.dispatch(x_TD, decision)
+            y_routed_ND = self.experts(x_routed_ND, tokens_per_local_expert)
+            y_TD = self.dispatcher.combine(y_routed_ND, meta)
+        if self.shared_experts is not None:
+            # y_TD is in the gates' dtype (fp32 under autocast); add before the
+            # single cast so the routed sum is not rounded twice.
+            y_TD = y_TD + self.shared_experts(x_TD)
+        output = y_TD.to(x.dtype).view(B, S, D)
+
+        losses = dict(decision.losses)
+        aux_loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        for value in losses.values():
+            aux_loss = aux_loss + value
+        stats = {
+            "tokens_per_expert": decision.tokens_per_expert().detach(),
+            "dropped_fraction": torch.as_tensor(decision.dropped_fraction).detach().float(),
+        }
+        return MoEOutput(output=output, aux_loss=aux_loss, losses=losses, stats=stats)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"router={c.router}, num_experts={c.num_experts}, top_k={c.top_k}, "
+                f"capacity_factor={c.capacity_factor}, expert_impl={c.expert_impl}")

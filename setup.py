@@ -9,6 +9,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
+        "numpy",
         "pyyaml",
         "tqdm",
         "tensorboard",

@@ -89,10 +89,12 @@ def prepare(inputs: Sequence[str], output_dir: str, tokenizer: Union[str, Tokeni
 
     os.makedirs(output_dir, exist_ok=True)
     meta_path = os.path.join(output_dir, "meta.json")
-    if os.path.exists(meta_path):
-        # Without meta.json the directory reads as "not prepared" while the
-        # .bin files below are being replaced.
+    # Without meta.json the directory reads as "not prepared" while the .bin
+    # files below are being replaced. A concurrent prepare may remove it first.
+    try:
         os.remove(meta_path)
+    except FileNotFoundError:
+        pass
 
     tmp = {split: _tmp_name(output_dir, f"{split}.bin") for split in ("train", "val")}
     sources: List[Dict] = []

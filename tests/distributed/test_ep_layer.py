@@ -1,0 +1,243 @@
+"""MoELayer at EP=2 and EP=4 against EP=1 on the same global tokens.
+
+Routing groups and capacity are rank-local under EP (each rank routes its own
+micro-batch), so the reference is one EP=1 layer with the same init run on
+each rank's tokens in turn. Each parallel rank checks, in fp32:
+
+- its output and input gradient against the reference on its tokens;
+- before gradient sync: router / shared-expert gradients against the
+  reference gradient of its own loss, and its local experts' gradients
+  against the SUM over all ranks' losses (the backward all-to-all brings the
+  other ranks' token gradients to the expert's owner);
+- after ``sync_gradients``: every gradient against the gradient of the mean
+  loss over ranks (experts shard-wise, mapped by ``global_param_name``).
+
+The parent also checks that the ranks together covered every parameter of
+the EP=1 layer. One spawn per world size runs every routing case.
+"""
+import warnings
+
+import pytest
+import torch
+
+from moe_train.config import MoEConfig
+from moe_train.moe import MoELayer
+from moe_train.moe.dispatcher import LocalDispatcher
+from moe_train.moe.routing import RoutingDecision
+
+from .harness import init_topology_gloo, run_distributed
+
+D, FFN, E, B, S = 8, 12, 8, 4, 3
+RTOL, ATOL = 1e-5, 1e-6
+
+CASES = {
+    "token_choice_k1_dropless": dict(top_k=1),
+    "token_choice_k2_dropless_shared": dict(top_k=2, num_shared_experts=1, z_loss_coef=1e-3),
+    "token_choice_k2_capacity_1": dict(top_k=2, capacity_factor=1.0),
+    "expert_choice_position": dict(router="expert_choice", expert_choice_group="position",
+                                   z_loss_coef=1e-3),
+}
+
+
+def build_layer(case: str) -> MoELayer:
+    """The same full EP=1 layer on every rank (same seed)."""
+    torch.manual_seed(1234)
+    cfg = MoEConfig(num_experts=E, hidden_size=D, ffn_hidden_size=FFN, activation="swiglu",
+                    **CASES[case])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer = MoELayer(cfg, init_std=0.3)
+    # A decisive router so capacity overflows and ranks route unevenly.
+    torch.nn.init.normal_(layer.router.weight, std=1.0)
+    return layer
+
+
+def rank_inputs(rank: int):
+    """Rank ``rank``'s micro-batch and the fixed projection its loss uses."""
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(B, S, D, generator=g), torch.randn(B, S, D, generator=g)
+
+
+def loss_of(out, proj):
+    return (out.output * proj).sum() + out.aux_loss
+
+
+def reference(case: str, world: int):
+    """EP=1 layer on each rank's tokens: outputs, input grads and per-rank grads."""
+    layer = build_layer(case)
+    outs, x_grads, grads, aux = [], [], [], []
+    for r in range(world):
+        layer.zero_grad(set_to_none=True)
+        x, proj = rank_inputs(r)
+        x.requires_grad_(True)
+        out = layer(x)
+        loss_of(out, proj).backward()
+        outs.append(out.output.detach())
+        aux.append(out.aux_loss.detach())
+        x_grads.append(x.grad)
+        grads.append({n: p.grad.clone() for n, p in layer.named_parameters()})
+    return outs, x_grads, grads, aux
+
+
+def ep_worker(rank: int, world: int, ep: int):
+    from moe_train.parallel import (apply_expert_parallel, global_param_name, is_expert_param,
+                                    sync_gradients)
+
+    topo = init_topology_gloo(expert_parallel_size=ep)
+    assert topo.ep_size == ep and topo.dp_size == world
+    report = {}
+    for case in CASES:
+        ref_out, ref_xg, ref_grads, ref_aux = reference(case, world)
+        layer = apply_expert_parallel(build_layer(case), topo)
+        x, proj = rank_inputs(rank)
+        x.requires_grad_(True)
+        out = layer(x)
+        loss_of(out, proj).backward()
+        checks = [("output", out.output.detach(), ref_out[rank]),
+                  ("aux_loss", out.aux_loss.detach(), ref_aux[rank]),
+                  ("x.grad", x.grad, ref_xg[rank])]
+        names = []
+        pre = {n: p.grad.clone() for n, p in layer.named_parameters()}
+        for n, g in pre.items():
+            gn = global_param_name(layer, n)
+            names.append(gn)
+            if is_expert_param(n):   # gradient of the sum of every rank's loss
+                expected = sum(grads[gn] for grads in ref_grads)
+            else:
+                expected = ref_grads[rank][gn]
+            checks.append((f"pre-sync {gn}", g, expected))
+        sync_gradients(layer, topo)
+        for n, p in layer.named_parameters():
+            gn = global_param_name(layer, n)
+            expected = sum(grads[gn] for grads in ref_grads) / world
+            checks.append((f"synced {gn}", p.grad, expected))
+        report[case] = {"checks": checks, "names": names,
+                        "all_names": list(ref_grads[0]),
+                        "local_experts": layer.experts.num_experts}
+    report["dispatcher_edge"] = dispatcher_edge_case(rank, topo)
+    return report
+
+
+def _fake_experts(x_routed, counts, offset):
+    """Expert e multiplies by (e + 1): enough to see which expert got a row."""
+    scale = torch.repeat_interleave(torch.arange(len(counts)) + offset + 1.0, counts)
+    return x_routed * scale[:, None]
+
+
+def dispatcher_edge_case(rank: int, topo):
+    """Hand-made decisions: rank 0 routes nothing; every other rank routes
+    everything to rank 0's two experts, so rank 0 receives from every source
+    and the other ranks receive nothing."""
+    from moe_train.moe.all_to_all import AllToAllDispatcher
+
+    num_experts, T = 2 * topo.ep_size, 3
+    g = torch.Generator().manual_seed(7 + rank)
+    x = torch.randn(T, D, generator=g, requires_grad=True)
+    if rank == 0:       # routes nothing at all
+        tok, exp = [], []
+    else:               # token 1 to both experts of rank 0
+        tok, exp = [0, 1, 1, 2], [0, 1, 0, 1]
+    weight = torch.rand(len(tok), generator=g).requires_grad_(True)
+    logits = torch.zeros(T, num_experts)
+    decision = RoutingDecision(token_index=torch.tensor(tok, dtype=torch.long),
+                               expert_index=torch.tensor(exp, dtype=torch.long),
+                               weight=weight, logits=logits, probs=logits.softmax(-1),
+                               num_experts=num_experts, dropped_fraction=torch.tensor(0.0))
+    disp = AllToAllDispatcher(topo.ep_group, num_experts)
+    x_routed, counts, meta = disp.dispatch(x, decision)
+    received = counts.tolist()
+    y = disp.combine(_fake_experts(x_routed, counts, disp.expert_offset), meta)
+    y.pow(2).sum().backward()
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    w_ref = weight.detach().clone().requires_grad_(True)
+    decision.weight = w_ref
+    local = LocalDispatcher()
+    xr, c, m = local.dispatch(x_ref, decision)
+    y_ref = local.combine(_fake_experts(xr, c, 0), m)
+    y_ref.pow(2).sum().backward()
+    # Rank 0 holds experts 0, 1: each gets two rows from every other rank.
+    expected_counts = [2 * (topo.ep_size - 1)] * 2 if rank == 0 else [0, 0]
+    return [("counts", torch.tensor(received), torch.tensor(expected_counts)),
+            ("y", y.detach(), y_ref.detach()),
+            ("x.grad", x.grad, x_ref.grad),
+            ("weight.grad", weight.grad, w_ref.grad)]
+
+
+@pytest.fixture(scope="module", params=[(2, 2), (4, 4)], ids=["ep2", "ep4"])
+def ep_run(request):
+    world, ep = request.param
+    return world, run_distributed(ep_worker, world, ep, timeout=150)
+
+
+def _assert_checks(checks, where):
+    for label, got, expected in checks:
+        # fp32 sums in another order: relative to each element, and to the
+        # tensor's scale for elements that nearly cancel.
+        atol = max(ATOL, RTOL * float(expected.abs().max())) if expected.numel() else ATOL
+        torch.testing.assert_close(got, expected, rtol=RTOL, atol=atol,
+                                   msg=lambda m: f"{where}: {label}: {m}")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ep_layer_equals_ep1(ep_run, case):
+    world, reports = ep_run
+    covered = set()
+    for rank, report in enumerate(reports):
+        r = report[case]
+        assert r["local_experts"] == E // world
+        _assert_checks(r["checks"], f"rank {rank}")
+        covered.update(r["names"])
+    # Every parameter of the EP=1 layer was compared on some rank.
+    assert covered == set(reports[0][case]["all_names"])
+
+
+def test_dispatcher_empty_and_remote_ranks(ep_run):
+    world, reports = ep_run
+    for rank, report in enumerate(reports):
+        _assert_checks(report["dispatcher_edge"], f"rank {rank}")
+
+
+def test_expert_param_names_and_single_process_parallelize():
+    """No processes needed: name rules, and parallelize is a no-op in one process."""
+    from moe_train.parallel import global_param_name, is_expert_param, local_expert_range, parallelize
+    from moe_train.parallel.topology import Topology
+
+    assert is_expert_param("blocks.3.ffn.experts.experts.12.w1.weight")
+    assert is_expert_param("experts.experts.0.w2.weight")
+    assert not is_expert_param("blocks.3.ffn.shared_experts.w1.weight")
+    assert not is_expert_param("blocks.3.ffn.router.weight")
+    assert list(local_expert_range(8, 4, 2)) == [4, 5]
+    with pytest.raises(ValueError, match="divisible"):
+        local_expert_range(6, 4, 0)
+
+    layer = build_layer("token_choice_k2_dropless_shared")
+    x, _ = rank_inputs(0)
+    before = layer(x).output
+    names = [n for n, _ in layer.named_parameters()]
+    assert parallelize(layer, Topology()) is layer
+    torch.testing.assert_close(layer(x).output, before, rtol=0, atol=0)
+    assert [n for n, _ in layer.named_parameters()] == names
+    assert [global_param_name(layer, n) for n in names] == names
+    marked = {n for n, p in layer.named_parameters() if is_expert_param(p)}
+    assert marked == {n for n in names if is_expert_param(n)} and len(marked) == 3 * E
+
+
+def _raising_worker(rank, world):
+    import torch.distributed as dist
+
+    init_topology_gloo()
+    if rank == 1:
+        raise ValueError("boom on rank 1")
+    dist.barrier()   # rank 0 waits for a rank that will never come
+
+
+def test_harness_reports_worker_traceback_and_stops_the_others():
+    import time
+
+    from .harness import WorkerError
+
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match=r"(?s)rank 1 raised.*ValueError: boom on rank 1"):
+        run_distributed(_raising_worker, 2, timeout=60)
+    assert time.monotonic() - start < 45   # not the gloo timeout

@@ -58,6 +58,9 @@ def env_world_size() -> int:
 def init_topology(cfg: ParallelConfig, timeout_minutes: int = 10) -> Topology:
     """Join the process group the launcher set up (torchrun, deepspeed, Ray
     all export RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT) and build the groups."""
+    # megatron-core's TP backward overlaps comm and compute only with this set
+    # before CUDA starts; harmless on CPU.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     world = env_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(local_rank)

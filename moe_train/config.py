@@ -354,6 +354,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(t.grad_clip >= 0, f"train.grad_clip ({t.grad_clip}) must be >= 0")
     _check(t.save_every >= 0, f"train.save_every ({t.save_every}) must be >= 0")
     _check(t.eval_every >= 0, f"train.eval_every ({t.eval_every}) must be >= 0")
+    _check(t.heatmap_every >= 0, f"train.heatmap_every ({t.heatmap_every}) must be >= 0")
     _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction ({d.val_fraction}) must be in (0, 1)")
 
     tp = p.tensor_parallel_size
@@ -411,6 +412,11 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+            except ValueError:
+                pass
         raise ConfigError(f"{path} must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

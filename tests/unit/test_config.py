@@ -53,3 +53,8 @@ def test_moe_sizes_filled_from_model():
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config("/nonexistent.yaml")
+
+
+def test_exponent_without_dot_is_a_number():
+    # YAML 1.1 reads 1e-3 as a string; a float field must still take it.
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == 1e-3

@@ -1,0 +1,126 @@
+"""The ``moe-train`` command: ``train``, ``prepare-data`` and ``export``.
+
+``moe-train train ...`` is the same as ``python -m moe_train.train ...`` and
+``launch/train.py ...``. Bad input (a missing config file, an unknown key, an
+impossible value, an unwritable run directory, a missing or incompatible
+checkpoint, a dataset too small) prints one line, ``error: <msg>``, on stderr
+and exits with status 2, before any heavy work.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional, Tuple
+
+from moe_train.config import Config, ConfigError, load_config
+
+USAGE = """usage: moe-train <command> [options]
+
+commands:
+  train         train a model (python -m moe_train.train; see moe-train train --help)
+  prepare-data  tokenize text files into a dataset directory
+  export        export a checkpoint to a Hugging Face model directory
+
+run 'moe-train <command> --help' for the options of a command."""
+
+_LATEST = ""  # what a bare --resume means: the latest checkpoint of the run dir
+
+
+def train_parser(prog: str = "moe-train train") -> argparse.ArgumentParser:
+    """Options of the train command."""
+    p = argparse.ArgumentParser(
+        prog=prog, description="Train a Mixture-of-Experts language model.")
+    p.add_argument("--config", metavar="YAML",
+                   help="config file (default: the embedded configs/tiny.yaml; when resuming, "
+                        "the config stored with the checkpoint)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config field, e.g. --set train.max_steps=50 (repeatable)")
+    p.add_argument("--run-dir", metavar="DIR",
+                   help="run directory (default: train.run_dir, else runs/<YYYYmmdd-HHMMSS>)")
+    p.add_argument("--resume", nargs="?", const=_LATEST, default=None, metavar="PATH",
+                   help="continue from a checkpoint: bare, the latest one of the run dir; "
+                        "or a run dir or checkpoint dir")
+    return p
+
+
+def resolve_train_args(args: argparse.Namespace) -> Tuple[Config, Optional[str]]:
+    """The config to train and the checkpoint to resume from (or None).
+
+    Resuming without --config takes the config stored with the checkpoint
+    (plus any --set), so ``--resume --set train.max_steps=N`` extends a run.
+    """
+    from moe_train.parallel.topology import env_world_size
+    from moe_train.train import InputError
+    from moe_train.train.checkpoint import find_checkpoint, read_config, run_dir_of
+
+    world = env_world_size()
+    if args.resume is None:
+        cfg = load_config(args.config, args.set, world)
+        if args.run_dir:
+            cfg.train.run_dir = args.run_dir
+        return cfg, None
+
+    if args.resume == _LATEST:
+        run_dir = args.run_dir or load_config(args.config, args.set, world).train.run_dir
+        if not run_dir:
+            raise InputError("--resume without a path needs --run-dir (or train.run_dir) "
+                             "to find the latest checkpoint")
+        ckpt_dir = find_checkpoint(run_dir)
+    else:
+        ckpt_dir = find_checkpoint(args.resume)
+        run_dir = args.run_dir or run_dir_of(ckpt_dir)
+    if args.config:
+        cfg = load_config(args.config, args.set, world)
+    else:
+        cfg = read_config(ckpt_dir, args.set).validate(world)
+    if run_dir:
+        cfg.train.run_dir = run_dir
+    return cfg, ckpt_dir
+
+
+def _fail(message: str) -> int:
+    print("error: " + " ".join(str(message).split("\n")), file=sys.stderr)
+    return 2
+
+
+def train_main(argv: Optional[List[str]] = None, prog: str = "moe-train train") -> int:
+    """Parse train options, check the input, train. Returns the exit status."""
+    from moe_train.train import InputError
+
+    args = train_parser(prog).parse_args(argv)
+    try:
+        cfg, resume = resolve_train_args(args)
+        from moe_train.train.trainer import train
+
+        train(cfg, resume=resume)
+    except (ConfigError, InputError) as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``moe-train`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print(USAGE, file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        return train_main(rest)
+    if command == "prepare-data":
+        from moe_train.data.prepare import main as prepare_main
+
+        return prepare_main(rest) or 0
+    if command == "export":
+        # Imported only when asked for: export pulls in extra dependencies.
+        from moe_train.train.export import main as export_main
+
+        return export_main(rest) or 0
+    return _fail(f"unknown command {command!r}; choose one of: train, prepare-data, export")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

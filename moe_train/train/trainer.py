@@ -1,0 +1,414 @@
+"""The training loop: ``train(cfg)``, the one entry every launcher calls.
+
+torchrun, the deepspeed launcher and Ray only set up the distributed
+environment (RANK, WORLD_SIZE, ...); ``train`` joins it through
+:func:`moe_train.parallel.topology.init_topology` and never asks who launched it.
+
+Batch semantics (Megatron's): optimizer step s trains on the global batch
+``sample_batch(train, s, global_batch_size, seq_len, seed)``; data-parallel
+rank r takes rows ``[r*b, (r+1)*b)`` with ``b = global_batch_size / dp`` and
+splits them into ``accum = b / micro_batch_size`` micro-batches whose losses
+are divided by ``accum`` before backward, so the gradient is that of the mean
+loss over the global batch whatever dp and micro_batch_size are.
+
+Input checks (run directory, checkpoint, dataset) come before the model is
+built and raise :class:`moe_train.train.InputError` or ConfigError.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import random
+import shutil
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moe_train.config import Config, ConfigError, save_config
+from moe_train.parallel import clip_grad_norm, parallelize, sync_gradients
+from moe_train.parallel.topology import Topology, destroy_topology, env_world_size, init_topology
+from moe_train.train import InputError
+from moe_train.train import checkpoint as ckpt
+from moe_train.train.heatmap import load_heatmap
+from moe_train.train.metrics import METRICS_FILE, TB_DIR, MetricsLogger, Progress, moe_layer_metrics
+from moe_train.train.optim import build_optimizer, build_scheduler
+
+RUN_CONFIG = "config.yaml"
+
+
+# ----------------------------------------------------------------------------
+# Parallelism enters the loop through moe_train.parallel's parallelize(),
+# sync_gradients() and clip_grad_norm() only (docs/parallelism.md).
+
+
+def check_parallel_supported(topology: Topology) -> None:
+    """Refuse tensor/expert parallelism for now: this trainer's checkpoints
+    hold one full copy of the model, written by rank 0, which is only right
+    when every rank holds the whole model (pure data parallelism)."""
+    if topology.tp_size > 1 or topology.ep_size > 1:
+        raise InputError(f"parallel.tensor_parallel_size ({topology.tp_size}) and "
+                         f"parallel.expert_parallel_size ({topology.ep_size}) must be 1: this "
+                         "trainer cannot checkpoint a sharded model yet")
+
+
+def reduce_mean(values: torch.Tensor, topology: Topology) -> torch.Tensor:
+    """Mean of a metrics tensor over the data-parallel ranks (for logging)."""
+    if topology.dp_size == 1:
+        return values
+    import torch.distributed as dist
+
+    values = values.clone()
+    dist.all_reduce(values, group=topology.dp_group)
+    return values / topology.dp_size
+
+
+def _barrier(topology: Topology) -> None:
+    if topology.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _on_main(topology: Topology, fn: Callable[[], Any]) -> None:
+    """Run an input check on rank 0 only; its InputError/ConfigError is raised
+    on every rank, so that no rank waits forever for a rank that gave up."""
+    message = None
+    if topology.is_main:
+        try:
+            fn()
+        except (InputError, ConfigError) as exc:
+            message = str(exc)
+    if topology.distributed:
+        import torch.distributed as dist
+
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message:
+        raise InputError(message)
+
+
+# ----------------------------------------------------------------------------
+# Run directory
+
+
+def _default_run_dir(topology: Topology) -> str:
+    """runs/<YYYYmmdd-HHMMSS>, chosen by rank 0 so every rank agrees."""
+    box = [os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))]
+    if topology.distributed:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def prepare_run_dir(run_dir: str, fresh: bool) -> List[str]:
+    """Create ``run_dir`` and check it can be written; for a fresh run, remove
+    what an earlier run left there (its checkpoints, tb/ and metrics.jsonl),
+    so the curves of two runs never mix. Returns the removed names."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise InputError(f"train.run_dir ({run_dir}) cannot be written: "
+                         f"{exc.strerror or exc}")
+    removed = []
+    if fresh:
+        for name in (ckpt.CHECKPOINTS, TB_DIR, METRICS_FILE):
+            path = os.path.join(run_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+                removed.append(name)
+            elif os.path.exists(path):
+                os.remove(path)
+                removed.append(name)
+    return removed
+
+
+# ----------------------------------------------------------------------------
+# The loop
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _autocast(cfg: Config, device: torch.device):
+    if cfg.train.precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+    # CE in fp32 even when the logits come out of bf16 autocast.
+    return F.cross_entropy(logits_BSV.float().reshape(-1, logits_BSV.shape[-1]),
+                           targets_BS.reshape(-1))
+
+
+class Trainer:
+    """One training run. Build it with :func:`train`; ``fit()`` runs it."""
+
+    def __init__(self, cfg: Config, topology: Topology, resume: Optional[str] = None):
+        # Our own copy: the resolved run_dir is written into it.
+        self.cfg = cfg = copy.deepcopy(cfg)
+        self.topology = topology
+        self.device = topology.device
+        t = cfg.train
+        self.accum = t.global_batch_size // (t.micro_batch_size * topology.dp_size)
+        self.rows_per_rank = t.global_batch_size // topology.dp_size
+
+        # --- input checks, cheapest first, before anything heavy -------------
+        check_parallel_supported(topology)
+        self.ckpt_dir = ckpt.find_checkpoint(resume) if resume else None
+        if self.ckpt_dir is not None:
+            saved = ckpt.read_config(self.ckpt_dir)
+            ckpt.check_compatible(saved, cfg, self.ckpt_dir)
+        t.run_dir = self.run_dir = t.run_dir or _default_run_dir(topology)
+        removed: List[str] = []
+        _on_main(topology, lambda: removed.extend(prepare_run_dir(self.run_dir,
+                                                                  fresh=self.ckpt_dir is None)))
+        self.train_ds, self.val_ds = self._load_data()
+
+        self.log = topology.is_main
+        if self.log:
+            print(f"run dir: {self.run_dir}", flush=True)
+            if removed:
+                print(f"note: {self.run_dir} held an earlier run ({', '.join(removed)}); "
+                      "starting it over (pass --resume to continue it instead)", flush=True)
+            print(f"tensorboard --logdir {os.path.join(self.run_dir, TB_DIR)} --host 127.0.0.1",
+                  flush=True)
+            save_config(cfg, os.path.join(self.run_dir, RUN_CONFIG))
+
+        # --- model, optimizer, schedule --------------------------------------
+        _seed_everything(t.seed)
+        from moe_train.model.transformer import build_model
+
+        model = build_model(cfg.model, cfg.moe).to(self.device)
+        self.model = parallelize(model, topology)
+        self.optimizer = build_optimizer(self.model, t)
+        self.scheduler = build_scheduler(self.optimizer, t)
+        self.start_step = 0
+        if self.ckpt_dir is not None:
+            self.start_step = ckpt.load_checkpoint(self.ckpt_dir, self.model, self.optimizer,
+                                                   self.scheduler, cfg)
+            if self.log:
+                print(f"resumed from {self.ckpt_dir} at step {self.start_step}", flush=True)
+        self.val_data = _val_data(self.val_ds, t) if t.eval_every > 0 else []
+
+    def _load_data(self):
+        from moe_train.data import check_enough, load_splits
+
+        cfg = self.cfg
+        try:
+            train_ds, val_ds, meta = load_splits(cfg.data)
+            check_enough(train_ds, cfg.train.seq_len, "train")
+            if cfg.train.eval_every > 0:
+                check_enough(val_ds, cfg.train.seq_len, "val")
+        except ConfigError:
+            raise
+        except (ValueError, OSError) as exc:
+            raise InputError(f"data.dataset ({cfg.data.dataset}): {exc}")
+        vocab = int(meta.get("vocab_size", 0))
+        if vocab > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) must be >= the "
+                              f"tokenizer's vocabulary ({vocab}) of data.dataset")
+        return train_ds, val_ds
+
+    # -- one step -------------------------------------------------------------
+
+    def _batch(self, step: int) -> List[torch.Tensor]:
+        """This rank's micro-batches of optimizer step ``step``."""
+        from moe_train.data import sample_batch
+
+        t, r = self.cfg.train, self.topology.dp_rank
+        batch = sample_batch(self.train_ds, step, t.global_batch_size, t.seq_len, t.seed)
+        rows = batch[r * self.rows_per_rank:(r + 1) * self.rows_per_rank]
+        return list(rows.split(t.micro_batch_size))
+
+    def _train_step(self, step: int) -> Dict[str, Any]:
+        """Forward/backward over the micro-batches, sync, clip, update.
+        Returns detached tensors (converted to floats only when logged)."""
+        model, device = self.model, self.device
+        model.train()
+        lm_sum = torch.zeros((), device=device)
+        aux_sum = torch.zeros((), device=device)
+        named: Dict[str, torch.Tensor] = {}
+        counts: List[torch.Tensor] = []
+        dropped: List[torch.Tensor] = []
+        for micro in self._batch(step):
+            micro = micro.to(device, non_blocking=True)
+            inputs, targets = micro[:, :-1], micro[:, 1:]
+            with _autocast(self.cfg, device):
+                out = model(inputs)
+                lm = _lm_loss(out.logits, targets)
+                loss = lm + out.aux_loss
+            (loss / self.accum).backward()
+            lm_sum += lm.detach()
+            aux_sum += out.aux_loss.detach().float()
+            for name, value in out.losses.items():
+                named[name] = named.get(name, 0) + value.detach().float()
+            for i, stats in enumerate(out.moe_stats):
+                if i == len(counts):
+                    counts.append(torch.zeros_like(stats["tokens_per_expert"]))
+                    dropped.append(torch.zeros((), device=device))
+                counts[i] += stats["tokens_per_expert"]
+                dropped[i] += stats["dropped_fraction"].to(device)
+        sync_gradients(model, self.topology)
+        grad_norm = clip_grad_norm(model, self.cfg.train.grad_clip, self.topology)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        n = self.accum
+        return {"lm": lm_sum / n, "aux": aux_sum / n,
+                "named": {k: v / n for k, v in named.items()},
+                "counts": counts, "dropped": [d / n for d in dropped],
+                "grad_norm": grad_norm.detach(), "lr": lr}
+
+    def evaluate(self) -> float:
+        """Mean LM loss (cross-entropy only) over the fixed validation batches,
+        in eval mode, without touching the training RNG streams."""
+        model = self.model
+        model.eval()
+        devices = [self.device] if self.device.type == "cuda" else []
+        total = torch.zeros((), device=self.device)
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            for batch in self.val_data:
+                batch = batch.to(self.device)
+                with _autocast(self.cfg, self.device):
+                    total += _lm_loss(model(batch[:, :-1]).logits, batch[:, 1:])
+        model.train()
+        return reduce_mean(total / max(1, len(self.val_data)), self.topology).item()
+
+    def _step_metrics(self, result: Dict[str, Any], counts: List[torch.Tensor],
+                      tokens_per_sec: float):
+        """The scalars and histograms of a logged step (averaged over the
+        data-parallel ranks; ``counts`` already summed over them)."""
+        named = result["named"]
+        names = sorted(named)
+        # One collective for every scalar, then one host transfer.
+        packed = reduce_mean(torch.stack(
+            [result["lm"], result["aux"]] + [named[k] for k in names] + result["dropped"]),
+            self.topology).tolist()
+        lm, aux = packed[0], packed[1]
+        scalars = {"train/loss": lm + aux, "train/lm_loss": lm, "train/aux_loss": aux}
+        scalars.update({f"train/{k}": packed[2 + i] for i, k in enumerate(names)})
+        scalars.update({"train/lr": result["lr"], "train/grad_norm": result["grad_norm"].item(),
+                        "train/tokens_per_sec": tokens_per_sec})
+        scalars.update(moe_layer_metrics(counts, packed[2 + len(names):]))
+        histograms = {f"moe/layer_{i}/tokens_per_expert": c.long() for i, c in enumerate(counts)}
+        return scalars, histograms
+
+    # -- the run --------------------------------------------------------------
+
+    def fit(self) -> Dict[str, Any]:
+        """Train from ``start_step`` to ``train.max_steps``; return a summary."""
+        t, topo = self.cfg.train, self.topology
+        resumed = self.ckpt_dir is not None
+        logger = MetricsLogger(self.run_dir, enabled=self.log,
+                               resume_step=self.start_step if resumed else None)
+        progress = Progress(t.max_steps, self.start_step, enabled=self.log)
+        tokens_per_step = t.global_batch_size * t.seq_len
+        summary: Dict[str, Any] = {"run_dir": self.run_dir, "start_step": self.start_step,
+                                   "steps": self.start_step, "first_loss": None,
+                                   "train_loss": None, "val_loss": None,
+                                   "tokens_per_sec": None, "checkpoint": self.ckpt_dir}
+        run_start = time.time()
+        window_time, window_steps = 0.0, 0
+        try:
+            for step in range(self.start_step, t.max_steps):
+                step_start = time.time()
+                result = self._train_step(step)
+                # Throughput counts the training steps only, not evaluation,
+                # checkpoints or image writing between them.
+                window_time += time.time() - step_start
+                done = step + 1
+                window_steps += 1
+                is_log = done % t.log_every == 0 or done == t.max_steps
+                is_heatmap = t.heatmap_every > 0 and done % t.heatmap_every == 0
+                is_eval = t.eval_every > 0 and (done % t.eval_every == 0 or done == t.max_steps)
+                is_save = (t.save_every > 0 and done % t.save_every == 0) or done == t.max_steps
+
+                scalars: Dict[str, float] = {}
+                histograms: Dict[str, torch.Tensor] = {}
+                if is_log or is_heatmap:
+                    counts = [reduce_mean(c.double(), topo) * topo.dp_size
+                              for c in result["counts"]]  # summed over ranks
+                if is_log:
+                    tps = tokens_per_step * window_steps / max(window_time, 1e-9)
+                    window_time, window_steps = 0.0, 0
+                    scalars, histograms = self._step_metrics(result, counts, tps)
+                    summary["train_loss"] = scalars["train/loss"]
+                    if summary["first_loss"] is None:
+                        summary["first_loss"] = scalars["train/loss"]
+                    summary["tokens_per_sec"] = tps
+                if is_heatmap and counts:
+                    logger.image("moe/load_heatmap",
+                                 load_heatmap([c.cpu().numpy() for c in counts]), done)
+                if is_eval:
+                    val = self.evaluate()
+                    scalars["val/loss"] = val
+                    summary["val_loss"] = val
+                    progress.write(f"step {done}: val loss {val:.4f}")
+                if scalars:
+                    logger.log(done, scalars, histograms)
+                progress.update(done, summary["train_loss"] or 0.0,
+                                summary["tokens_per_sec"] or 0.0, is_log)
+                if is_save:
+                    summary["checkpoint"] = ckpt.save_checkpoint(
+                        self.run_dir, done, self.model, self.optimizer, self.scheduler,
+                        self.cfg, t.keep_last, is_main=topo.is_main)
+                    _barrier(topo)
+                summary["steps"] = done
+        finally:
+            progress.close()
+            logger.close()
+        ran = summary["steps"] - self.start_step
+        summary["elapsed_s"] = time.time() - run_start
+        if self.log:
+            if ran == 0:
+                print(f"nothing to do: already at step {self.start_step} of "
+                      f"train.max_steps={t.max_steps}", flush=True)
+            else:
+                val = summary["val_loss"]
+                print(f"done: step {summary['steps']}, train loss {summary['train_loss']:.4f}"
+                      + (f", val loss {val:.4f}" if val is not None else "")
+                      + f", checkpoint {summary['checkpoint']}", flush=True)
+        return summary
+
+
+def _val_data(val_ds, t) -> List[torch.Tensor]:
+    """The fixed validation batches (micro_batch_size rows each, the same on
+    every rank and at every evaluation)."""
+    from moe_train.data import val_batches
+
+    return val_batches(val_ds, t.eval_iters, t.micro_batch_size, t.seq_len, t.seed)
+
+
+def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, Any]:
+    """Train a model for ``cfg`` and return a summary dict (run_dir, steps,
+    first_loss, train_loss, val_loss, tokens_per_sec, checkpoint, elapsed_s).
+
+    ``resume``: a run directory (its latest checkpoint) or a checkpoint
+    directory to continue from; the continuation reproduces an uninterrupted
+    run exactly on CPU in fp32. Launcher-agnostic: joins whatever distributed
+    environment the launcher created. Raises ConfigError / InputError (one
+    line, naming the field or path) for bad input, before heavy work.
+    """
+    cfg.validate(env_world_size())
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    topology = init_topology(cfg.parallel)
+    try:
+        return Trainer(cfg, topology, resume).fit()
+    finally:
+        if owns_group:
+            destroy_topology(topology)

@@ -36,6 +36,17 @@ def _jitter(x_TD: torch.Tensor, eps: float) -> torch.Tensor:
     return x_TD * noise
 
 
+def _router_input(x_TD: torch.Tensor, batch: int, seq: int, training: bool,
+                  jitter_eps: float) -> torch.Tensor:
+    """The fp32 router input, jittered in training (call with autocast off)."""
+    if x_TD.shape[0] != batch * seq:
+        raise ValueError(f"router got {x_TD.shape[0]} tokens, expected batch*seq = {batch}*{seq}")
+    x_TD = x_TD.float()
+    if training and jitter_eps > 0:
+        x_TD = _jitter(x_TD, jitter_eps)
+    return x_TD
+
+
 class TokenChoiceRouter(nn.Module):
     """Each token picks its top-K experts (Switch K=1, GShard/Mixtral K=2).
 
@@ -105,12 +116,8 @@ class TokenChoiceRouter(nn.Module):
     def forward(self, x_TD: torch.Tensor, batch: int, seq: int) -> RoutingDecision:
         """Route the T = batch*seq rows of ``x_TD`` (row t = b*seq + s)."""
         T = x_TD.shape[0]
-        if T != batch * seq:
-            raise ValueError(f"router got {T} tokens, expected batch*seq = {batch}*{seq}")
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            x_TD = x_TD.float()
-            if self.training and self.jitter_eps > 0:
-                x_TD = _jitter(x_TD, self.jitter_eps)
+            x_TD = _router_input(x_TD, batch, seq, self.training, self.jitter_eps)
             logits_TE = _fp32_logits(x_TD, self.weight)
             scores_TE, noise_std_TE = logits_TE, None
             if self.noisy_gating:
@@ -196,12 +203,8 @@ class ExpertChoiceRouter(nn.Module):
     def forward(self, x_TD: torch.Tensor, batch: int, seq: int) -> RoutingDecision:
         """Route the T = batch*seq rows of ``x_TD`` (row t = b*seq + s)."""
         T, E = x_TD.shape[0], self.num_experts
-        if T != batch * seq:
-            raise ValueError(f"router got {T} tokens, expected batch*seq = {batch}*{seq}")
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            x_TD = x_TD.float()
-            if self.training and self.jitter_eps > 0:
-                x_TD = _jitter(x_TD, self.jitter_eps)
+            x_TD = _router_input(x_TD, batch, seq, self.training, self.jitter_eps)
             logits_TE = _fp32_logits(x_TD, self.weight)
             probs_TE = logits_TE.softmax(-1)
             if self.group == "position":

@@ -1,21 +1,33 @@
-"""Checkpoints: written atomically, resumed exactly, loaded for inference.
+"""Checkpoints: written atomically, resumed exactly, loaded for inference,
+and independent of the parallel layout that wrote them.
 
 Layout of a run directory::
 
-    RUN_DIR/checkpoints/step_N/   model.pt, optimizer.pt, trainer.pt, config.yaml
+    RUN_DIR/checkpoints/step_N/   model/, optimizer/ (torch.distributed.checkpoint),
+                                  trainer.pt, rng/rank_R.pt, config.yaml
     RUN_DIR/checkpoints/latest    one line: the name of the newest complete step_N
 
-A save writes everything into ``checkpoints/.tmp-step_N``, fsyncs each file
-and the directory, renames it to ``step_N`` (a rename is atomic on POSIX), and
-only then replaces ``latest`` (temp file + os.replace). A process killed at
-any moment leaves either the old ``latest`` pointing at a complete checkpoint,
-or the new one; a stale ``.tmp-*`` directory is removed by the next save.
+Model and optimizer state are DCP checkpoints in a logical layout (EP=1,
+TP=1 names; :mod:`moe_train.parallel.dist_checkpoint`): every rank writes its
+own experts, replicated tensors are written once, and a checkpoint written
+at one expert- or tensor-parallel size loads at any other. ``trainer.pt``
+holds the step (the data position too: batch s is a function of (seed, s)),
+the scheduler and the world size; ``rng/rank_R.pt`` the RNG states of torch,
+numpy and Python of rank R.
 
-``trainer.pt`` holds the step (the data position too: batch s is a function
-of (seed, s)), the scheduler and the RNG states of torch, numpy and Python.
+A save is a collective. Every rank writes into ``checkpoints/.tmp-step_N``
+(each file fsynced), a barrier waits for all of them, then rank 0 fsyncs the
+directories, renames ``.tmp-step_N`` to ``step_N`` (a rename is atomic on
+POSIX) and only then replaces ``latest`` (temp file + os.replace), and a
+second barrier holds every rank until the checkpoint is visible. A process
+killed at any moment leaves either the old ``latest`` pointing at a complete
+checkpoint, or the new one; a stale ``.tmp-*`` directory is removed by the
+next save. Ranks on several nodes must share the filesystem of the run dir.
+
 Model and optimizer state go through :func:`write_model_optimizer` and
-:func:`read_model_optimizer` only, so that a sharded format
-(torch.distributed.checkpoint) can replace those two functions alone.
+:func:`read_model_optimizer` only. ``load_model`` also reads the single-file
+``model.pt`` (every expert, EP=1 names) that DeepSpeed-engine checkpoints
+carry (:mod:`moe_train.launchers.deepspeed`).
 """
 from __future__ import annotations
 
@@ -31,25 +43,31 @@ import torch
 import yaml
 
 from moe_train.config import Config, ConfigError, config_from_dict, moe_for_model, save_config
+from moe_train.parallel import dist_checkpoint
+from moe_train.parallel.collectives import barrier
+from moe_train.parallel.topology import Topology
 from moe_train.train import InputError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
-MODEL_FILE = "model.pt"
-OPTIMIZER_FILE = "optimizer.pt"
+MODEL_DIR = dist_checkpoint.MODEL_DIR
+OPTIMIZER_DIR = dist_checkpoint.OPTIMIZER_DIR
+LEGACY_MODEL_FILE = "model.pt"
 TRAINER_FILE = "trainer.pt"
+RNG_DIR = "rng"
 CONFIG_FILE = "config.yaml"
 TMP_PREFIX = ".tmp-"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 # Test hook: "STEP:SECONDS" makes the save of step STEP sleep inside the
-# temporary directory (after model.pt is written), so a test can kill the
+# temporary directory (after model/ is written), so a test can kill the
 # process in the middle of a save. Unset in normal use.
 SAVE_DELAY_ENV = "MOE_TRAIN_TEST_SAVE_DELAY"
 
 # Fields that change parameter shapes (or which parameters exist): a
 # checkpoint can only be loaded into a model that agrees on all of them.
-# Sizes left null in the config are compared after resolution.
+# Sizes left null in the config are compared after resolution. The parallel
+# sizes are not among them: any layout loads any checkpoint.
 SHAPE_FIELDS = {
     "model.vocab_size": lambda c: c.model.vocab_size,
     "model.hidden_size": lambda c: c.model.hidden_size,
@@ -70,31 +88,50 @@ SHAPE_FIELDS = {
 }
 
 
+def _single() -> Topology:
+    return Topology()
+
+
 # ----------------------------------------------------------------------------
-# Model and optimizer state: the two functions a sharded format replaces.
+# Model and optimizer state
 
 
 def write_model_optimizer(ckpt_dir: str, model: torch.nn.Module,
-                          optimizer: Optional[torch.optim.Optimizer]) -> List[str]:
-    """Write model (and optimizer) state into ``ckpt_dir``; return the files."""
-    files = [os.path.join(ckpt_dir, MODEL_FILE)]
-    torch.save(model.state_dict(), files[0])
-    if optimizer is not None:
-        files.append(os.path.join(ckpt_dir, OPTIMIZER_FILE))
-        torch.save(optimizer.state_dict(), files[1])
-    return files
+                          optimizer: Optional[torch.optim.Optimizer],
+                          topology: Optional[Topology] = None) -> None:
+    """Write model (and optimizer) state into ``ckpt_dir/model`` (and
+    ``ckpt_dir/optimizer``) in the logical DCP layout. A collective when
+    ``topology`` is distributed: every rank calls it and writes its shard."""
+    dist_checkpoint.save(ckpt_dir, model, optimizer, topology or _single())
 
 
 def read_model_optimizer(ckpt_dir: str, model: torch.nn.Module,
-                         optimizer: Optional[torch.optim.Optimizer] = None) -> None:
-    """Load the state written by :func:`write_model_optimizer` in place."""
-    device = next(model.parameters()).device
-    state = torch.load(os.path.join(ckpt_dir, MODEL_FILE), map_location=device, weights_only=True)
-    model.load_state_dict(state)
-    if optimizer is not None:
-        # Loading through the optimizer casts and moves its state to match the params.
-        optimizer.load_state_dict(torch.load(os.path.join(ckpt_dir, OPTIMIZER_FILE),
-                                             map_location=device, weights_only=True))
+                         optimizer: Optional[torch.optim.Optimizer] = None,
+                         topology: Optional[Topology] = None) -> None:
+    """Load the state written by :func:`write_model_optimizer` in place, each
+    rank its own part for its place in ``topology`` (any EP/TP size), or the
+    model from a DeepSpeed checkpoint's single ``model.pt``. Raises
+    InputError for a checkpoint that does not hold what is asked for."""
+    topology = topology or _single()
+    try:
+        if dist_checkpoint.has_state(ckpt_dir, MODEL_DIR):
+            if optimizer is not None and not dist_checkpoint.has_state(ckpt_dir, OPTIMIZER_DIR):
+                raise InputError(f"checkpoint {ckpt_dir} has no optimizer state ({OPTIMIZER_DIR}/)")
+            dist_checkpoint.load(ckpt_dir, model, optimizer, topology)
+        elif os.path.isfile(os.path.join(ckpt_dir, LEGACY_MODEL_FILE)):
+            if optimizer is not None:
+                raise InputError(f"checkpoint {ckpt_dir} holds model weights only "
+                                 f"({LEGACY_MODEL_FILE}, a DeepSpeed-engine checkpoint?); resume "
+                                 "it with the train.deepspeed_config that wrote it")
+            device = next(model.parameters()).device
+            full = torch.load(os.path.join(ckpt_dir, LEGACY_MODEL_FILE), map_location=device,
+                              weights_only=True)
+            dist_checkpoint.load_logical_state_dict(model, full, topology)
+        else:
+            raise InputError(f"{ckpt_dir} is not a checkpoint (no {MODEL_DIR}/ or "
+                             f"{LEGACY_MODEL_FILE})")
+    except dist_checkpoint.CheckpointError as exc:
+        raise InputError(f"checkpoint {ckpt_dir}: {exc}")
 
 
 # ----------------------------------------------------------------------------
@@ -125,6 +162,23 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def reseed(seed: int, step: int, rank: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and Python from ``(seed, step, rank)``.
+
+    For a resume on a different number of ranks, where the saved per-rank
+    RNG states do not map onto the new ranks: the continuation is then a
+    deterministic function of the checkpoint and the new world size, though
+    not the stream the saving run would have drawn. Only random routing
+    (``moe.jitter_eps``, ``moe.noisy_gating``) draws from these generators;
+    the data order is a function of ``(seed, step)`` alone.
+    """
+    mixed = (seed * 1_000_003 + step) * 10_007 + rank
+    mixed %= 2 ** 32
+    random.seed(mixed)
+    np.random.seed(mixed)
+    torch.manual_seed(mixed)  # CUDA generators too
 
 
 # ----------------------------------------------------------------------------
@@ -174,51 +228,77 @@ def _write_latest(root: str, name: str) -> None:
     _fsync_dir(root)
 
 
+def _rng_file(ckpt_dir: str, rank: int) -> str:
+    return os.path.join(ckpt_dir, RNG_DIR, f"rank_{rank}.pt")
+
+
+def _save_fsynced(obj: Any, path: str) -> None:
+    torch.save(obj, path)
+    _fsync_file(path)
+
+
+def _fsync_tree(path: str) -> None:
+    # The files were fsynced by the rank that wrote them; what is left are
+    # the directory entries (the rank-0 view of a shared filesystem).
+    for parent, _, _ in os.walk(path, topdown=False):
+        _fsync_dir(parent)
+
+
 def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, cfg: Config,
-                    keep_last: int, is_main: bool = True) -> str:
+                    keep_last: int, topology: Optional[Topology] = None) -> str:
     """Atomically write checkpoint ``step`` of this run and return its path.
 
-    ``is_main``: only the main rank writes (every rank holds the same
-    replicated state in the single-copy format used here).
+    A collective when ``topology`` is distributed: every rank calls it,
+    writes its own shard of the model and optimizer and its RNG state; rank 0
+    writes the rest and makes the checkpoint visible. Without ``topology``,
+    a single process writes the whole model.
     """
+    topology = topology or _single()
+    main = topology.is_main
     root = os.path.join(run_dir, CHECKPOINTS)
     name = f"step_{step}"
     final = os.path.join(root, name)
-    if not is_main:
-        return final
-    os.makedirs(root, exist_ok=True)
-    for entry in os.listdir(root):
-        if entry.startswith(TMP_PREFIX):  # left by a save that was killed
-            shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
-
     tmp = os.path.join(root, TMP_PREFIX + name)
-    os.makedirs(tmp)
-    files = write_model_optimizer(tmp, model, optimizer)
+    if main:
+        os.makedirs(root, exist_ok=True)
+        for entry in os.listdir(root):
+            if entry.startswith(TMP_PREFIX):  # left by a save that was killed
+                shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+        os.makedirs(os.path.join(tmp, RNG_DIR))
+    barrier(topology)  # the clean temporary directory exists for every rank
+
+    write_model_optimizer(tmp, model, optimizer, topology)
     _test_delay(step)
-    trainer_path = os.path.join(tmp, TRAINER_FILE)
-    torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state()},
-               trainer_path)
-    config_path = os.path.join(tmp, CONFIG_FILE)
-    save_config(cfg, config_path)
-    for path in files + [trainer_path, config_path]:
-        _fsync_file(path)
-    _fsync_dir(tmp)
+    _save_fsynced(rng_state(), _rng_file(tmp, topology.rank))
+    if main:
+        _save_fsynced({"step": step, "scheduler": scheduler.state_dict(),
+                       "world_size": topology.world_size,
+                       "layout": {"tensor_parallel_size": topology.tp_size,
+                                  "expert_parallel_size": topology.ep_size,
+                                  "data_parallel_size": topology.dp_size}},
+                      os.path.join(tmp, TRAINER_FILE))
+        config_path = os.path.join(tmp, CONFIG_FILE)
+        save_config(cfg, config_path)
+        _fsync_file(config_path)
+    barrier(topology)  # every rank's files are on disk
 
-    if os.path.exists(final):
-        # Only a run that restarts at this very step meets an existing step_N;
-        # move it aside so the rename below stays a single atomic step.
-        old = os.path.join(root, f"{TMP_PREFIX}old-{name}")
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync_dir(root)
-    _write_latest(root, name)
-
-    for _, path in step_dirs(root)[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+    if main:
+        _fsync_tree(tmp)
+        if os.path.exists(final):
+            # Only a run that restarts at this very step meets an existing step_N;
+            # move it aside so the rename below stays a single atomic step.
+            old = os.path.join(root, f"{TMP_PREFIX}old-{name}")
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(root)
+        _write_latest(root, name)
+        for _, path in step_dirs(root)[:-keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+    barrier(topology)  # nobody reads or deletes step_N before it is in place
     return final
 
 
@@ -227,8 +307,10 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module,
 
 
 def _is_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MODEL_FILE)) and \
-        os.path.isfile(os.path.join(path, CONFIG_FILE))
+    # model/ (DCP) from this trainer, model.pt from the DeepSpeed engine's.
+    has_model = dist_checkpoint.has_state(path, MODEL_DIR) or \
+        os.path.isfile(os.path.join(path, LEGACY_MODEL_FILE))
+    return has_model and os.path.isfile(os.path.join(path, CONFIG_FILE))
 
 
 def find_checkpoint(path: str) -> str:
@@ -296,15 +378,28 @@ def check_compatible(saved: Config, cfg: Config, where: str) -> None:
 
 
 def load_checkpoint(ckpt_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, cfg: Config) -> int:
+                    scheduler: Any, cfg: Config, topology: Optional[Topology] = None) -> int:
     """Restore model, optimizer, scheduler and RNG states from ``ckpt_dir``
-    into the objects built for ``cfg``; return the step to continue from."""
+    into the objects built for ``cfg`` and ``topology`` (any EP/TP size);
+    return the step to continue from. A collective when ``topology`` is
+    distributed.
+
+    RNG: each rank restores the state its rank saved when the world size is
+    the one that saved; otherwise every rank is reseeded with
+    :func:`reseed` ``(train.seed, step, rank)``.
+    """
+    topology = topology or _single()
     check_compatible(read_config(ckpt_dir), cfg, ckpt_dir)
-    read_model_optimizer(ckpt_dir, model, optimizer)
+    read_model_optimizer(ckpt_dir, model, optimizer, topology)
     state = torch.load(os.path.join(ckpt_dir, TRAINER_FILE), weights_only=True)
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    return int(state["step"])
+    step = int(state["step"])
+    rng_file = _rng_file(ckpt_dir, topology.rank)
+    if state.get("world_size") == topology.world_size and os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    else:
+        reseed(cfg.train.seed, step, topology.rank)
+    return step
 
 
 def load_model(path: str) -> Tuple[torch.nn.Module, Config]:

@@ -11,6 +11,22 @@ splits them into ``accum = b / micro_batch_size`` micro-batches whose losses
 are divided by ``accum`` before backward, so the gradient is that of the mean
 loss over the global batch whatever dp and micro_batch_size are.
 
+Parallelism (docs/parallelism.md): every rank builds the whole model from
+``train.seed``, then ``parallelize`` shards it (TP, then EP); after the last
+micro-batch ``sync_gradients`` reduces dense gradients over the data-parallel
+group and expert gradients over the expert-data-parallel group, and
+``clip_grad_norm`` clips by the global norm. Expert-parallel groups sit inside
+the data-parallel group, so EP ranks train on different rows; TP ranks share
+their dp_rank and so their rows. Checkpoints are sharded and EP/TP-independent
+(:mod:`moe_train.train.checkpoint`).
+
+Logging: only rank 0 writes (stdout, TensorBoard, metrics.jsonl). Losses,
+auxiliary losses and per-layer dropped fractions are averaged over the
+data-parallel ranks; per-expert token counts are summed over them (the counts
+of the whole global batch); the gradient norm is global already. Every rank
+evaluates the same validation batches (under EP the ranks of a group must run
+each forward together) and the validation loss is averaged over them.
+
 Input checks (run directory, checkpoint, dataset) come before the model is
 built and raise :class:`moe_train.train.InputError` or ConfigError.
 """
@@ -30,6 +46,8 @@ import torch.nn.functional as F
 
 from moe_train.config import Config, ConfigError, save_config
 from moe_train.parallel import clip_grad_norm, parallelize, sync_gradients
+from moe_train.parallel.collectives import (broadcast_object, process_group_exists, reduce_mean,
+                                             reduce_sum)
 from moe_train.parallel.topology import Topology, destroy_topology, env_world_size, init_topology
 from moe_train.train import InputError
 from moe_train.train import checkpoint as ckpt
@@ -41,36 +59,11 @@ RUN_CONFIG = "config.yaml"
 
 
 # ----------------------------------------------------------------------------
-# Parallelism enters the loop through moe_train.parallel's parallelize(),
-# sync_gradients() and clip_grad_norm() only (docs/parallelism.md).
-
-
-def check_parallel_supported(topology: Topology) -> None:
-    """Refuse tensor/expert parallelism for now: this trainer's checkpoints
-    hold one full copy of the model, written by rank 0, which is only right
-    when every rank holds the whole model (pure data parallelism)."""
-    if topology.tp_size > 1 or topology.ep_size > 1:
-        raise InputError(f"parallel.tensor_parallel_size ({topology.tp_size}) and "
-                         f"parallel.expert_parallel_size ({topology.ep_size}) must be 1: this "
-                         "trainer cannot checkpoint a sharded model yet")
-
-
-def reduce_mean(values: torch.Tensor, topology: Topology) -> torch.Tensor:
-    """Mean of a metrics tensor over the data-parallel ranks (for logging)."""
-    if topology.dp_size == 1:
-        return values
-    import torch.distributed as dist
-
-    values = values.clone()
-    dist.all_reduce(values, group=topology.dp_group)
-    return values / topology.dp_size
-
-
-def _barrier(topology: Topology) -> None:
-    if topology.distributed:
-        import torch.distributed as dist
-
-        dist.barrier()
+# Parallelism enters the loop through moe_train.parallel only: parallelize(),
+# sync_gradients(), clip_grad_norm(), the collectives of
+# moe_train.parallel.collectives and the checkpoint I/O behind
+# train/checkpoint.py (docs/parallelism.md). This file never imports
+# torch.distributed.
 
 
 def _on_main(topology: Topology, fn: Callable[[], Any]) -> None:
@@ -82,12 +75,7 @@ def _on_main(topology: Topology, fn: Callable[[], Any]) -> None:
             fn()
         except (InputError, ConfigError) as exc:
             message = str(exc)
-    if topology.distributed:
-        import torch.distributed as dist
-
-        box = [message]
-        dist.broadcast_object_list(box, src=0)
-        message = box[0]
+    message = broadcast_object(message, topology)
     if message:
         raise InputError(message)
 
@@ -98,12 +86,7 @@ def _on_main(topology: Topology, fn: Callable[[], Any]) -> None:
 
 def _default_run_dir(topology: Topology) -> str:
     """runs/<YYYYmmdd-HHMMSS>, chosen by rank 0 so every rank agrees."""
-    box = [os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))]
-    if topology.distributed:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return broadcast_object(os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")), topology)
 
 
 def prepare_run_dir(run_dir: str, fresh: bool) -> List[str]:
@@ -167,7 +150,6 @@ class Trainer:
         self.rows_per_rank = t.global_batch_size // topology.dp_size
 
         # --- input checks, cheapest first, before anything heavy -------------
-        check_parallel_supported(topology)
         self.ckpt_dir = ckpt.find_checkpoint(resume) if resume else None
         if self.ckpt_dir is not None:
             saved = ckpt.read_config(self.ckpt_dir)
@@ -193,13 +175,16 @@ class Trainer:
         from moe_train.model.transformer import build_model
 
         model = build_model(cfg.model, cfg.moe).to(self.device)
-        self.model = parallelize(model, topology)
+        try:
+            self.model = parallelize(model, topology)
+        except ValueError as exc:  # a layout the model cannot be split into; names the fields
+            raise ConfigError(str(exc))
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t)
         self.start_step = 0
         if self.ckpt_dir is not None:
             self.start_step = ckpt.load_checkpoint(self.ckpt_dir, self.model, self.optimizer,
-                                                   self.scheduler, cfg)
+                                                   self.scheduler, cfg, topology)
             if self.log:
                 print(f"resumed from {self.ckpt_dir} at step {self.start_step}", flush=True)
         self.val_data = _val_data(self.val_ds, t) if t.eval_every > 0 else []
@@ -341,8 +326,9 @@ class Trainer:
                 scalars: Dict[str, float] = {}
                 histograms: Dict[str, torch.Tensor] = {}
                 if is_log or is_heatmap:
-                    counts = [reduce_mean(c.double(), topo) * topo.dp_size
-                              for c in result["counts"]]  # summed over ranks
+                    # Tokens per expert of the whole global batch: summed over
+                    # the data-parallel ranks (each routed its own tokens).
+                    counts = [reduce_sum(c.double(), topo) for c in result["counts"]]
                 if is_log:
                     tps = tokens_per_step * window_steps / max(window_time, 1e-9)
                     window_time, window_steps = 0.0, 0
@@ -366,8 +352,7 @@ class Trainer:
                 if is_save:
                     summary["checkpoint"] = ckpt.save_checkpoint(
                         self.run_dir, done, self.model, self.optimizer, self.scheduler,
-                        self.cfg, t.keep_last, is_main=topo.is_main)
-                    _barrier(topo)
+                        self.cfg, t.keep_last, topology=topo)
                 summary["steps"] = done
         finally:
             progress.close()
@@ -405,7 +390,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, Any]:
     line, naming the field or path) for bad input, before heavy work.
     """
     cfg.validate(env_world_size())
-    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    owns_group = not process_group_exists()
     topology = init_topology(cfg.parallel)
     try:
         return Trainer(cfg, topology, resume).fit()

@@ -11,6 +11,7 @@ import time
 import torch
 
 from moe_train.config import load_config
+from moe_train.parallel.dist_checkpoint import read_state
 from moe_train.train.checkpoint import SAVE_DELAY_ENV, find_checkpoint, load_model
 from moe_train.train.trainer import train
 
@@ -35,9 +36,10 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
         [sys.executable, "-m", "moe_train.train", "--run-dir", run_dir]
         + [a for o in TINY for a in ("--set", o)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    # The hook sleeps after model.pt is in the temporary directory: the save
-    # of step 4 is half done when the process dies.
-    marker = os.path.join(ckpts, ".tmp-step_4", "model.pt")
+    # The hook sleeps after model/ (a DCP checkpoint; .metadata comes last)
+    # is in the temporary directory: the save of step 4 is half done when the
+    # process dies.
+    marker = os.path.join(ckpts, ".tmp-step_4", "model", ".metadata")
     deadline = time.time() + 240
     try:
         while not os.path.exists(marker):
@@ -54,7 +56,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     # The previous checkpoint still loads, with the weights it was saved with.
     model, cfg = load_model(run_dir)
     assert not model.training
-    saved = torch.load(os.path.join(ckpts, "step_2", "model.pt"))
+    saved = read_state(os.path.join(ckpts, "step_2", "model"))
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
     ids = torch.randint(0, cfg.model.vocab_size, (2, 8))
     with torch.no_grad():
@@ -81,8 +83,8 @@ def test_keep_last_and_load_model_from_a_step_dir(tmp_path):
     assert latest(tmp_path) == "step_4"
     from_step, _ = load_model(str(ckpts / "step_3"))
     from_run, _ = load_model(str(tmp_path))
-    saved3 = torch.load(ckpts / "step_3" / "model.pt")
-    saved4 = torch.load(ckpts / "step_4" / "model.pt")
+    saved3 = read_state(str(ckpts / "step_3" / "model"))
+    saved4 = read_state(str(ckpts / "step_4" / "model"))
     assert all(torch.equal(v, saved3[k]) for k, v in from_step.state_dict().items())
     assert all(torch.equal(v, saved4[k]) for k, v in from_run.state_dict().items())
 

@@ -11,6 +11,7 @@ import time
 import torch
 
 from moe_train.config import load_config
+from moe_train.parallel.dist_checkpoint import read_state
 from moe_train.train.trainer import train
 
 # Input jitter makes every step draw from the torch RNG, so a resume that did
@@ -44,7 +45,8 @@ def run_until_killed_in_save(run_dir, step, overrides):
         [sys.executable, "-m", "moe_train.train", "--run-dir", run_dir] +
         [a for o in overrides for a in ("--set", o)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    marker = os.path.join(run_dir, "checkpoints", f".tmp-step_{step}", "model.pt")
+    # The model's DCP metadata is written last: the model part of the save is done.
+    marker = os.path.join(run_dir, "checkpoints", f".tmp-step_{step}", "model", ".metadata")
     deadline = time.time() + 240
     try:
         while not os.path.exists(marker):
@@ -82,7 +84,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
                                    torch.tensor(b[key], dtype=torch.float64)), (a["step"], key)
 
     # The final weights are the same too.
-    a = torch.load(os.path.join(straight, "checkpoints", "step_6", "model.pt"))
-    b = torch.load(os.path.join(split, "checkpoints", "step_6", "model.pt"))
+    a = read_state(os.path.join(straight, "checkpoints", "step_6", "model"))
+    b = read_state(os.path.join(split, "checkpoints", "step_6", "model"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)

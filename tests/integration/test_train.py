@@ -43,7 +43,7 @@ def test_loss_falls_from_uniform(tmp_path):
     assert summary["steps"] == 25
     # The documented run-directory layout.
     for name in ("config.yaml", "metrics.jsonl", "tb", "checkpoints/latest",
-                 "checkpoints/step_25/model.pt"):
+                 "checkpoints/step_25/model/.metadata"):
         assert os.path.exists(os.path.join(tmp_path, name)), name
     assert summary["checkpoint"] == os.path.join(str(tmp_path), "checkpoints", "step_25")
 

@@ -145,11 +145,14 @@ class MoEConfig:
     jitter_eps: float = 0.0
     """Switch input jitter: multiply router input by U(1-eps, 1+eps) in training."""
     aux_loss: str = "switch"
-    """switch | shazeer | none: the load-balancing loss."""
+    """switch | shazeer | sequence (DeepSeek-V3 per-sequence) | none: the load-balancing loss."""
     aux_loss_coef: float = 1e-2
     """Weight of the load-balancing loss (Switch alpha; Shazeer w)."""
     z_loss_coef: float = 0.0
     """ST-MoE router z-loss weight (beta; 1e-3 in the paper); 0 turns it off."""
+    expert_bias_update_rate: float = 0.0
+    """Aux-loss-free balancing (DeepSeek-V3 gamma; 1e-3 in the paper): per-step
+    update of a per-expert selection bias; 0 turns it off. Token choice only."""
     expert_impl: str = "grouped"
     """grouped (fast: tokens sorted by expert) | reference (slow masked loop)."""
     hidden_size: Optional[int] = None
@@ -270,7 +273,7 @@ CHOICES = {
     "moe.score_order": ("softmax_then_topk", "topk_then_softmax"),
     "moe.capacity_priority": ("position", "gshard"),
     "moe.expert_choice_group": ("position", "batch"),
-    "moe.aux_loss": ("switch", "shazeer", "none"),
+    "moe.aux_loss": ("switch", "shazeer", "sequence", "none"),
     "moe.activation": ("swiglu", "gelu", None),
     "moe.expert_impl": ("grouped", "reference"),
     "parallel.backend": ("nccl", "gloo", None),
@@ -338,6 +341,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _check(0.0 <= e.jitter_eps < 1.0, f"moe.jitter_eps ({e.jitter_eps}) must be in [0, 1)")
         _check(e.aux_loss_coef >= 0, f"moe.aux_loss_coef ({e.aux_loss_coef}) must be >= 0")
         _check(e.z_loss_coef >= 0, f"moe.z_loss_coef ({e.z_loss_coef}) must be >= 0")
+        _check(e.expert_bias_update_rate >= 0,
+               f"moe.expert_bias_update_rate ({e.expert_bias_update_rate}) must be >= 0")
+        _check(not (e.router == "expert_choice" and e.expert_bias_update_rate > 0),
+               f"moe.expert_bias_update_rate ({e.expert_bias_update_rate}) applies to moe.router "
+               "token_choice only (expert choice is balanced by construction); set it to 0")
         _check(e.num_experts % p.expert_parallel_size == 0,
                f"moe.num_experts ({e.num_experts}) must be divisible by "
                f"parallel.expert_parallel_size ({p.expert_parallel_size})")

@@ -100,6 +100,10 @@ class MoELayer(nn.Module):
             "tokens_per_expert": decision.tokens_per_expert().detach(),
             "dropped_fraction": torch.as_tensor(decision.dropped_fraction).detach().float(),
         }
+        if decision.selected_per_expert is not None:
+            # Aux-loss-free balancing steers by the choices before capacity
+            # drops; the kept counts saturate at the capacity.
+            stats["selected_per_expert"] = decision.selected_per_expert.detach()
         return MoEOutput(output=output, aux_loss=aux_loss, losses=losses, stats=stats)
 
     def extra_repr(self) -> str:

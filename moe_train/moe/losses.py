@@ -28,6 +28,29 @@ def switch_load_balancing_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tens
     return coef * E * torch.sum(f_E * P_E)
 
 
+def sequence_load_balancing_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor,
+                                 batch: int, seq: int, coef: float) -> torch.Tensor:
+    """DeepSeek-V3 Eq 17-20 (DeepSeek-V2 Eq 23-25 per sequence), averaged
+    over the ``batch`` sequences of ``seq`` tokens (row t = b*seq + s):
+
+    ``coef * mean_b sum_i f_bi * P_bi`` with f_bi = E/(K*seq) * (top-K
+    selections of expert i in sequence b) (no gradient) and P_bi = mean over
+    the sequence of the normalised affinity of i (``probs_TE``: the softmax
+    probabilities, which already sum to 1 over experts). Equals ``coef`` when
+    every sequence is balanced; with batch 1 it equals the Switch loss.
+    """
+    T, E = probs_TE.shape
+    K = expert_ids_TK.shape[-1]
+    if T != batch * seq:
+        raise ValueError(f"sequence loss got {T} tokens, expected batch*seq = {batch}*{seq}")
+    ids_BN = expert_ids_TK.reshape(batch, seq * K)
+    counts_BE = torch.zeros(batch, E, dtype=torch.float32, device=probs_TE.device)
+    counts_BE.scatter_add_(1, ids_BN, torch.ones_like(ids_BN, dtype=torch.float32))
+    f_BE = counts_BE * (E / (K * seq))
+    P_BE = probs_TE.float().view(batch, seq, E).mean(1)
+    return coef * (f_BE * P_BE).sum(-1).mean()
+
+
 def cv_squared(x: torch.Tensor, eps: float = CV_EPS) -> torch.Tensor:
     """Squared coefficient of variation as tensor2tensor's cv_squared:
     population variance / (mean^2 + eps), with n + eps as the divisor."""

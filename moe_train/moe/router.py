@@ -57,6 +57,12 @@ class TokenChoiceRouter(nn.Module):
     ``jitter_eps`` multiplies the router input by U(1-eps, 1+eps) in training.
     With ``capacity_factor`` set, assignments beyond an expert's capacity are
     dropped in ``capacity_priority`` order.
+
+    With ``expert_bias_update_rate`` > 0 the router holds ``expert_bias`` [E],
+    an fp32 buffer (in the state dict, no gradient) for DeepSeek-V3's
+    auxiliary-loss-free balancing: it is added to the softmax probabilities
+    to choose the top K, while the gates use the unbiased scores (V3 Eq 16).
+    :func:`moe_train.moe.balancing.update_expert_bias` moves it between steps.
     """
 
     def __init__(self, cfg: MoEConfig):
@@ -75,11 +81,16 @@ class TokenChoiceRouter(nn.Module):
         self.aux_loss = cfg.aux_loss
         self.aux_loss_coef = cfg.aux_loss_coef
         self.z_loss_coef = cfg.z_loss_coef
+        self.expert_bias_update_rate = cfg.expert_bias_update_rate
         if self.score_order not in ("softmax_then_topk", "topk_then_softmax"):
             raise ValueError(f"moe.score_order ({self.score_order!r}) must be one of: "
                              "softmax_then_topk, topk_then_softmax")
-        if self.aux_loss not in ("switch", "shazeer", "none"):
-            raise ValueError(f"moe.aux_loss ({self.aux_loss!r}) must be one of: switch, shazeer, none")
+        if self.aux_loss not in ("switch", "shazeer", "sequence", "none"):
+            raise ValueError(f"moe.aux_loss ({self.aux_loss!r}) must be one of: "
+                             "switch, shazeer, sequence, none")
+        if self.expert_bias_update_rate < 0:
+            raise ValueError(f"moe.expert_bias_update_rate ({self.expert_bias_update_rate}) "
+                             "must be >= 0")
         if self.top_k > self.num_experts:
             raise ValueError(f"moe.top_k ({self.top_k}) must be <= moe.num_experts ({self.num_experts})")
         # [E, D], the layout of nn.Linear.weight (and Mixtral's router).
@@ -88,7 +99,25 @@ class TokenChoiceRouter(nn.Module):
             self.noise_weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
         else:
             self.register_parameter("noise_weight", None)
+        # A buffer, not a parameter: it is moved by the load rule between
+        # steps, never by the optimizer, and checkpoints must keep it. Only
+        # created when enabled, so state dicts without the feature are unchanged.
+        if self.expert_bias_update_rate > 0:
+            self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+        else:
+            self.register_buffer("expert_bias", None)
         self.reset_parameters()
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) / .bfloat16() cast floating buffers too. A bf16
+        # bias would round the 1e-3 steps of the update rule away once
+        # |b| > 0.25, so the bias keeps its fp32 values through any cast
+        # (device moves still apply).
+        bias = self.expert_bias
+        module = super()._apply(fn, recurse)
+        if bias is not None and self.expert_bias.dtype != torch.float32:
+            self.expert_bias = bias.to(device=self.expert_bias.device, dtype=torch.float32)
+        return module
 
     def reset_parameters(self) -> None:
         """Shazeer starts W_g and W_noise at zero (uniform routing with noise
@@ -101,7 +130,14 @@ class TokenChoiceRouter(nn.Module):
 
     def select(self, scores_TE: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Top-K experts and their gates from selection scores ``scores_TE``
-        (logits, possibly noisy). Returns (expert_ids_TK long, gates_TK fp32)."""
+        (logits, possibly noisy). Returns (expert_ids_TK long, gates_TK fp32).
+        With ``expert_bias``, the choice is the top K of softmax + bias and
+        the gates are the unbiased ones of the chosen experts."""
+        if self.expert_bias is not None:
+            return self._select_biased(scores_TE)
+        return self._select_unbiased(scores_TE)
+
+    def _select_unbiased(self, scores_TE: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.score_order == "softmax_then_topk":
             gates_TK, ids_TK = scores_TE.softmax(-1).topk(self.top_k, dim=-1)
             # With K=1 renormalising would make every gate 1 and cut the
@@ -111,6 +147,21 @@ class TokenChoiceRouter(nn.Module):
         else:
             top_logits_TK, ids_TK = scores_TE.topk(self.top_k, dim=-1)
             gates_TK = top_logits_TK.softmax(-1)
+        return ids_TK, gates_TK
+
+    def _select_biased(self, scores_TE: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        # DeepSeek-V3 Eq 16: the bias decides which experts, never how much.
+        # It is added to the normalised affinities (here softmax probs, V3's
+        # are normalised sigmoids) so gamma has the same scale as in V3; fp32
+        # whatever the module was cast to.
+        probs_TE = scores_TE.float().softmax(-1)
+        ids_TK = (probs_TE + self.expert_bias.float()).topk(self.top_k, dim=-1).indices
+        if self.score_order == "softmax_then_topk":
+            gates_TK = probs_TE.gather(-1, ids_TK)
+            if self.normalize_topk and self.top_k > 1:
+                gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True)
+        else:
+            gates_TK = scores_TE.float().gather(-1, ids_TK).softmax(-1)
         return ids_TK, gates_TK
 
     def forward(self, x_TD: torch.Tensor, batch: int, seq: int) -> RoutingDecision:
@@ -125,7 +176,15 @@ class TokenChoiceRouter(nn.Module):
                 if self.training:
                     scores_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
             ids_TK, gates_TK = self.select(scores_TE)
-            losses = self._losses(logits_TE, scores_TE, noise_std_TE, ids_TK, gates_TK)
+            if self.expert_bias is None:
+                loss_ids_TK, loss_gates_TK = ids_TK, gates_TK
+            else:
+                # V3 Eq 18 counts f_i on the top K of the unbiased scores (as
+                # megatron-core does): the loss trains the router's own
+                # preference, which the bias would otherwise hide.
+                loss_ids_TK, loss_gates_TK = self._select_unbiased(scores_TE)
+            losses = self._losses(logits_TE, scores_TE, noise_std_TE, loss_ids_TK, loss_gates_TK,
+                                  batch, seq)
 
             capacity = token_capacity(T, self.top_k, self.num_experts,
                                       self.capacity_factor, self.min_capacity)
@@ -142,15 +201,22 @@ class TokenChoiceRouter(nn.Module):
                 num_experts=self.num_experts,
                 dropped_fraction=dropped,
                 losses=losses,
+                selected_per_expert=torch.bincount(ids_TK.reshape(-1),
+                                                   minlength=self.num_experts).detach(),
             )
 
-    def _losses(self, logits_TE, scores_TE, noise_std_TE, ids_TK, gates_TK) -> Dict[str, torch.Tensor]:
-        # Balancing losses see the pre-capacity top-K choice and the scores
-        # that made it (noisy in training with noisy gating).
+    def _losses(self, logits_TE, scores_TE, noise_std_TE, ids_TK, gates_TK,
+                batch: int, seq: int) -> Dict[str, torch.Tensor]:
+        # Balancing losses see the pre-capacity top-K choice of the unbiased
+        # scores and those scores (noisy in training with noisy gating).
         out: Dict[str, torch.Tensor] = {}
         if self.aux_loss == "switch":
             out["load_balancing"] = L.switch_load_balancing_loss(
                 scores_TE.softmax(-1), ids_TK, self.aux_loss_coef)
+        elif self.aux_loss == "sequence":
+            # Same key as Switch so dashboards keep one series per run.
+            out["load_balancing"] = L.sequence_load_balancing_loss(
+                scores_TE.softmax(-1), ids_TK, batch, seq, self.aux_loss_coef)
         elif self.aux_loss == "shazeer":
             gates_TE = torch.zeros_like(scores_TE).scatter(-1, ids_TK, gates_TK)
             out["importance"] = L.importance_loss(gates_TE, self.aux_loss_coef)
@@ -180,6 +246,9 @@ class ExpertChoiceRouter(nn.Module):
             raise ValueError("moe.hidden_size must be filled before building the router")
         if cfg.noisy_gating:
             raise ValueError("moe.noisy_gating applies to moe.router = token_choice only")
+        if cfg.expert_bias_update_rate > 0:
+            raise ValueError(f"moe.expert_bias_update_rate ({cfg.expert_bias_update_rate}) "
+                             "applies to moe.router = token_choice only")
         if cfg.expert_choice_group not in ("position", "batch"):
             raise ValueError(f"moe.expert_choice_group ({cfg.expert_choice_group!r}) must be one of: "
                              "position, batch")

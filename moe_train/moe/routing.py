@@ -6,7 +6,7 @@ D hidden, E experts, N kept (token, expert) assignments.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -38,6 +38,10 @@ class RoutingDecision:
     losses: Dict[str, torch.Tensor] = field(default_factory=dict)
     """Weighted auxiliary losses, one entry per enabled loss (e.g.
     "load_balancing", "z_loss"); their sum is added to the LM loss."""
+    selected_per_expert: Optional[torch.Tensor] = None
+    """[E] long: the router's top-K selections per expert before capacity
+    drops (token choice; the load that aux-loss-free balancing corrects).
+    None for routers that make no per-token selection (expert choice)."""
 
     @property
     def num_tokens(self) -> int:

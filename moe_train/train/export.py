@@ -109,6 +109,10 @@ def check_exportable(cfg: Config) -> None:
     if e.noisy_gating:
         _refuse("moe.noisy_gating", e.noisy_gating,
                 "Mixtral's router has no noise weights, so the learned W_noise would be lost")
+    if e.expert_bias_update_rate > 0:
+        _refuse("moe.expert_bias_update_rate", e.expert_bias_update_rate,
+                "Mixtral's router has no selection bias, so the exported model would route "
+                "differently")
     if e.score_order == "softmax_then_topk" and not e.normalize_topk:
         _refuse("moe.normalize_topk", e.normalize_topk,
                 "Mixtral renormalises its top-k gates to sum to 1")

@@ -155,6 +155,7 @@ REFUSED = [
     ("moe.layer_freq=2", "moe.layer_freq is 2"),
     ("moe.num_shared_experts=1", "moe.num_shared_experts is 1"),
     ("moe.noisy_gating=true", "moe.noisy_gating is true"),
+    ("moe.expert_bias_update_rate=0.001", "moe.expert_bias_update_rate is 0.001"),
     ("moe.normalize_topk=false", "moe.normalize_topk is false"),
     ("moe.top_k=1", "moe.top_k is 1 with moe.score_order softmax_then_topk"),
     ("moe.activation=gelu", "moe.activation is gelu"),

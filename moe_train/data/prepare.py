@@ -24,7 +24,6 @@ import sys
 import uuid
 from typing import Dict, List, Optional, Sequence, Union
 
-import numpy as np
 
 from moe_train.data.tokenizer import Tokenizer, build_tokenizer, token_dtype
 

@@ -24,6 +24,11 @@ def process_group_exists() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def group_ranks(group) -> List[int]:
+    """Global ranks of a process group, in group order."""
+    return list(dist.get_process_group_ranks(group))
+
+
 def barrier(topology) -> None:
     """Wait for every rank of the job (no-op in a single process)."""
     if topology.distributed:
@@ -73,5 +78,5 @@ def gather_tensor_parallel(shard: torch.Tensor, dim: int, topology) -> torch.Ten
     return torch.cat(parts, dim=dim)
 
 
-__all__ = ["process_group_exists", "barrier", "broadcast_object", "reduce_mean", "reduce_sum",
+__all__ = ["process_group_exists", "group_ranks", "barrier", "broadcast_object", "reduce_mean", "reduce_sum",
            "gather_tensor_parallel"]

@@ -103,6 +103,23 @@ def init_topology(cfg: ParallelConfig, timeout_minutes: int = 10) -> Topology:
     )
 
 
+def init_single_process_group(backend: Optional[str] = None) -> None:
+    """A process group of one on loopback, for libraries (DeepSpeed) that need
+    a group even when ``init_topology`` made none. Sets the launcher variables
+    so that DeepSpeed does not go looking for MPI."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+        os.environ.setdefault(key, value)
+    torch.distributed.init_process_group(backend=backend or default_backend(),
+                                         init_method=f"tcp://127.0.0.1:{port}",
+                                         rank=0, world_size=1)
+
+
 def destroy_topology(topology: Optional[Topology] = None) -> None:
     """Tear down megatron-core's groups and the default process group."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():

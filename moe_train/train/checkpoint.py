@@ -244,46 +244,41 @@ def _fsync_tree(path: str) -> None:
         _fsync_dir(parent)
 
 
-def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler: Any, cfg: Config,
-                    keep_last: int, topology: Optional[Topology] = None) -> str:
-    """Atomically write checkpoint ``step`` of this run and return its path.
-
-    A collective when ``topology`` is distributed: every rank calls it,
-    writes its own shard of the model and optimizer and its RNG state; rank 0
-    writes the rest and makes the checkpoint visible. Without ``topology``,
-    a single process writes the whole model.
-    """
-    topology = topology or _single()
-    main = topology.is_main
+def begin_save(run_dir: str, step: int, topology: Topology) -> str:
+    """First stage of the atomic save protocol (a collective): rank 0 removes
+    temporary directories left by killed saves and creates a clean
+    ``checkpoints/.tmp-step_N`` with its rng/ folder. Returns that path."""
     root = os.path.join(run_dir, CHECKPOINTS)
-    name = f"step_{step}"
-    final = os.path.join(root, name)
-    tmp = os.path.join(root, TMP_PREFIX + name)
-    if main:
+    tmp = os.path.join(root, TMP_PREFIX + f"step_{step}")
+    if topology.is_main:
         os.makedirs(root, exist_ok=True)
         for entry in os.listdir(root):
             if entry.startswith(TMP_PREFIX):  # left by a save that was killed
                 shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
         os.makedirs(os.path.join(tmp, RNG_DIR))
     barrier(topology)  # the clean temporary directory exists for every rank
+    return tmp
 
-    write_model_optimizer(tmp, model, optimizer, topology)
-    _test_delay(step)
+
+def finish_save(tmp: str, step: int, cfg: Config, keep_last: int, topology: Topology,
+                trainer_state: Dict[str, Any]) -> str:
+    """Last stage of the atomic save protocol (a collective), after every
+    rank has written its model/optimizer files into ``tmp``: each rank writes
+    its RNG state; rank 0 writes ``trainer_state`` (plus step and world size)
+    and the config, fsyncs, renames ``tmp`` to ``step_N``, repoints ``latest``
+    and keeps the last ``keep_last``. Returns the final path."""
     _save_fsynced(rng_state(), _rng_file(tmp, topology.rank))
-    if main:
-        _save_fsynced({"step": step, "scheduler": scheduler.state_dict(),
-                       "world_size": topology.world_size,
-                       "layout": {"tensor_parallel_size": topology.tp_size,
-                                  "expert_parallel_size": topology.ep_size,
-                                  "data_parallel_size": topology.dp_size}},
+    root, name = os.path.dirname(tmp), f"step_{step}"
+    final = os.path.join(root, name)
+    if topology.is_main:
+        _save_fsynced({"step": step, "world_size": topology.world_size, **trainer_state},
                       os.path.join(tmp, TRAINER_FILE))
         config_path = os.path.join(tmp, CONFIG_FILE)
         save_config(cfg, config_path)
         _fsync_file(config_path)
     barrier(topology)  # every rank's files are on disk
 
-    if main:
+    if topology.is_main:
         _fsync_tree(tmp)
         if os.path.exists(final):
             # Only a run that restarts at this very step meets an existing step_N;
@@ -300,6 +295,27 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module,
             shutil.rmtree(path, ignore_errors=True)
     barrier(topology)  # nobody reads or deletes step_N before it is in place
     return final
+
+
+def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, cfg: Config,
+                    keep_last: int, topology: Optional[Topology] = None) -> str:
+    """Atomically write checkpoint ``step`` of this run and return its path.
+
+    A collective when ``topology`` is distributed: every rank calls it,
+    writes its own shard of the model and optimizer and its RNG state; rank 0
+    writes the rest and makes the checkpoint visible. Without ``topology``,
+    a single process writes the whole model.
+    """
+    topology = topology or _single()
+    tmp = begin_save(run_dir, step, topology)
+    write_model_optimizer(tmp, model, optimizer, topology)
+    _test_delay(step)
+    layout = {"tensor_parallel_size": topology.tp_size,
+              "expert_parallel_size": topology.ep_size,
+              "data_parallel_size": topology.dp_size}
+    return finish_save(tmp, step, cfg, keep_last, topology,
+                       {"scheduler": scheduler.state_dict(), "layout": layout})
 
 
 # ----------------------------------------------------------------------------

@@ -18,7 +18,9 @@ group and expert gradients over the expert-data-parallel group, and
 ``clip_grad_norm`` clips by the global norm. Expert-parallel groups sit inside
 the data-parallel group, so EP ranks train on different rows; TP ranks share
 their dp_rank and so their rows. Checkpoints are sharded and EP/TP-independent
-(:mod:`moe_train.train.checkpoint`).
+(:mod:`moe_train.train.checkpoint`). With ``train.deepspeed_config`` the
+DeepSpeed engine (:mod:`moe_train.launchers.deepspeed`) does the sync, clip,
+update and checkpoints instead; the model and its math stay the same.
 
 Logging: only rank 0 writes (stdout, TensorBoard, metrics.jsonl). Losses,
 auxiliary losses and per-layer dropped fractions are averaged over the
@@ -45,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_train.config import Config, ConfigError, save_config
+from moe_train.moe.balancing import update_expert_biases
 from moe_train.parallel import clip_grad_norm, parallelize, sync_gradients
 from moe_train.parallel.collectives import (broadcast_object, process_group_exists, reduce_mean,
                                              reduce_sum)
@@ -182,9 +185,20 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t)
         self.start_step = 0
+        # train.deepspeed_config: the DeepSpeed engine reduces, clips, steps
+        # and checkpoints (moe_train.launchers.deepspeed); same model and math.
+        self.engine = None
+        if t.deepspeed_config:
+            from moe_train.launchers import deepspeed as ds
+
+            self.engine = ds.build_engine(self.model, self.optimizer.param_groups, cfg, topology)
+            self.optimizer, self.scheduler = self.engine.optimizer, self.engine.lr_scheduler
         if self.ckpt_dir is not None:
-            self.start_step = ckpt.load_checkpoint(self.ckpt_dir, self.model, self.optimizer,
-                                                   self.scheduler, cfg, topology)
+            if self.engine is not None:
+                self.start_step = ds.load_checkpoint(self.engine, self.ckpt_dir, cfg, topology)
+            else:
+                self.start_step = ckpt.load_checkpoint(self.ckpt_dir, self.model, self.optimizer,
+                                                       self.scheduler, cfg, topology)
             if self.log:
                 print(f"resumed from {self.ckpt_dir} at step {self.start_step}", flush=True)
         self.val_data = _val_data(self.val_ds, t) if t.eval_every > 0 else []
@@ -228,15 +242,25 @@ class Trainer:
         aux_sum = torch.zeros((), device=device)
         named: Dict[str, torch.Tensor] = {}
         counts: List[torch.Tensor] = []
+        selected: List[torch.Tensor] = []
         dropped: List[torch.Tensor] = []
+        engine = self.engine
+        lr = self.scheduler.get_last_lr()[0]  # an engine steps the schedule inside the loop
         for micro in self._batch(step):
             micro = micro.to(device, non_blocking=True)
             inputs, targets = micro[:, :-1], micro[:, 1:]
             with _autocast(self.cfg, device):
-                out = model(inputs)
+                out = (model if engine is None else engine)(inputs)
                 lm = _lm_loss(out.logits, targets)
                 loss = lm + out.aux_loss
-            (loss / self.accum).backward()
+            if engine is None:
+                (loss / self.accum).backward()
+            else:
+                # DeepSpeed divides by the accumulation steps itself, reduces
+                # and updates at the last micro-batch, and returns the norm then.
+                from moe_train.launchers.deepspeed import backward_step
+
+                grad_norm = backward_step(engine, loss, self.topology)
             lm_sum += lm.detach()
             aux_sum += out.aux_loss.detach().float()
             for name, value in out.losses.items():
@@ -247,12 +271,23 @@ class Trainer:
                     dropped.append(torch.zeros((), device=device))
                 counts[i] += stats["tokens_per_expert"]
                 dropped[i] += stats["dropped_fraction"].to(device)
-        sync_gradients(model, self.topology)
-        grad_norm = clip_grad_norm(model, self.cfg.train.grad_clip, self.topology)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+                if "selected_per_expert" in stats:
+                    if i == len(selected):
+                        selected.append(torch.zeros_like(stats["selected_per_expert"]))
+                    selected[i] += stats["selected_per_expert"]
+        if engine is None:
+            sync_gradients(model, self.topology)
+            grad_norm = clip_grad_norm(model, self.cfg.train.grad_clip, self.topology)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        rate = self.cfg.moe.expert_bias_update_rate
+        if rate > 0 and selected:
+            # Aux-loss-free balancing steers by the load of the whole global
+            # batch: every rank sums the same counts, so the replicated
+            # biases stay identical without being sent anywhere.
+            loads = reduce_sum(torch.stack(selected).double(), self.topology)
+            update_expert_biases(model, list(loads), rate)
         n = self.accum
         return {"lm": lm_sum / n, "aux": aux_sum / n,
                 "named": {k: v / n for k, v in named.items()},
@@ -349,7 +384,12 @@ class Trainer:
                     logger.log(done, scalars, histograms)
                 progress.update(done, summary["train_loss"] or 0.0,
                                 summary["tokens_per_sec"] or 0.0, is_log)
-                if is_save:
+                if is_save and self.engine is not None:
+                    from moe_train.launchers.deepspeed import save_checkpoint
+
+                    summary["checkpoint"] = save_checkpoint(self.engine, self.run_dir, done,
+                                                            self.cfg, t.keep_last, topo)
+                elif is_save:
                     summary["checkpoint"] = ckpt.save_checkpoint(
                         self.run_dir, done, self.model, self.optimizer, self.scheduler,
                         self.cfg, t.keep_last, topology=topo)
@@ -390,6 +430,10 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, Any]:
     line, naming the field or path) for bad input, before heavy work.
     """
     cfg.validate(env_world_size())
+    if cfg.train.deepspeed_config:
+        from moe_train.launchers.deepspeed import resolve_deepspeed_config
+
+        resolve_deepspeed_config(cfg, env_world_size())
     owns_group = not process_group_exists()
     topology = init_topology(cfg.parallel)
     try:

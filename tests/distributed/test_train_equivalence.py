@@ -100,3 +100,27 @@ def test_two_ranks_train_like_one_process(layout, reference, tmp_path):
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, ref_state[name], rtol=1e-4, atol=1e-4,
                                    msg=lambda m: f"{layout}: {name}: {m}")
+
+
+def test_aux_loss_free_balancing_trains_like_one_process(tmp_path):
+    # The expert bias is updated from the load of the whole global batch, so
+    # expert-parallel ranks (each seeing half of it) must end with exactly the
+    # single process's biases, and train the same losses.
+    extra = ["moe.expert_bias_update_rate=0.01", "moe.aux_loss=sequence",
+             "moe.aux_loss_coef=0.0001"]
+    ref_dir, ep_dir = str(tmp_path / "world1"), str(tmp_path / "ep2")
+    train(config(ref_dir, extra))
+    run_distributed(train_worker, 2, ep_dir, extra + LAYOUTS["ep2"], timeout=180)
+    want, got = records(ref_dir), records(ep_dir)
+    for step in want:
+        assert got[step]["train/loss"] == pytest.approx(want[step]["train/loss"], rel=RTOL)
+    ref_state = load_model(ref_dir)[0].state_dict()
+    ep_state = load_model(ep_dir)[0].state_dict()
+    biases = [k for k in ref_state if k.endswith("router.expert_bias")]
+    assert len(biases) == 2
+    for key in biases:
+        # Each update moves every entry by +-rate or 0: after 10 steps the
+        # bias is a nonzero multiple of the rate, the same on both layouts.
+        assert torch.equal(ep_state[key], ref_state[key]), key
+        steps = ref_state[key] / 0.01
+        assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() >= 1

@@ -89,7 +89,7 @@ def test_sequence_loss_gradient_matches_formula():
 def test_sequence_loss_is_coef_at_perfect_balance():
     # Every sequence gives each expert exactly K*S/E of its choices: f = 1,
     # so L = coef * sum_i P_i = coef for any probabilities.
-    seq, K = 4, 2
+    seq = 4
     ids = torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2]] * B)
     probs = torch.randn(B * seq, E).softmax(-1)
     got = L.sequence_load_balancing_loss(probs, ids, B, seq, 0.03)

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from moe_train.config import MoEConfig
 from moe_train.model.mlp import MLP

@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Train on a Ray cluster (or a Ray instance started on this machine) with
+Ray Train's TorchTrainer: the same ``train(cfg)`` as torchrun and deepspeed.
+
+    python launch/ray_train.py --config configs/tiny.yaml --num-workers 2 --run-dir /abs/run
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python launch/ray_train.py --config configs/tiny.yaml --num-workers 2 --run-dir /abs/run
+
+The config (and a DeepSpeed config, if train.deepspeed_config is set) is
+checked and the run directory prepared before Ray starts: bad input prints one
+line, ``error: <msg>``, and exits with status 2. A worker that dies makes Ray
+restart the worker group (up to --max-failures times), which resumes from the
+latest checkpoint of the run directory. See docs/launching.md.
+"""
+import argparse
+import os
+import sys
+import time
+from typing import List, Optional
+
+# Runnable from a checkout without installing the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parser() -> argparse.ArgumentParser:
+    """Options of launch/ray_train.py."""
+    p = argparse.ArgumentParser(
+        prog="launch/ray_train.py",
+        description="Train a Mixture-of-Experts language model on Ray Train workers.")
+    p.add_argument("--config", metavar="YAML",
+                   help="config file (default: the embedded configs/tiny.yaml; with --resume and "
+                        "no --config, the config stored with the checkpoint)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config field, e.g. --set train.max_steps=50 (repeatable)")
+    p.add_argument("--num-workers", type=int, required=True, metavar="N",
+                   help="training processes (ranks); one GPU each with --use-gpu")
+    p.add_argument("--address", metavar="ADDR",
+                   help="Ray cluster to join (auto, HOST:6379, ray://HOST:10001); default: the "
+                        "cluster of RAY_ADDRESS or ray job submit, else a Ray instance started "
+                        "here on 127.0.0.1")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
+    p.add_argument("--run-dir", metavar="DIR",
+                   help="run directory, the same path on every node (default: train.run_dir, "
+                        "else runs/<YYYYmmdd-HHMMSS>); Ray's own files go to DIR/ray")
+    p.add_argument("--max-failures", type=int, default=3, metavar="M",
+                   help="worker-group restarts after a worker dies (-1: no limit; default 3)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run directory's latest checkpoint instead of starting over")
+    return p
+
+
+def resolve_config(args: argparse.Namespace):
+    """The config to train, validated for ``--num-workers`` ranks. With
+    --resume and no --config: the config stored with the run's latest
+    checkpoint (plus --set), as ``moe-train train --resume`` does."""
+    from moe_train.config import load_config
+    from moe_train.train import InputError
+    from moe_train.train.checkpoint import find_checkpoint, read_config
+
+    world = args.num_workers
+    if not args.resume:
+        cfg = load_config(args.config, args.set, world)
+    else:
+        run_dir = args.run_dir or load_config(args.config, args.set, world).train.run_dir
+        if not run_dir:
+            raise InputError("--resume needs --run-dir (or train.run_dir) to find the latest "
+                             "checkpoint")
+        ckpt_dir = find_checkpoint(run_dir)
+        cfg = (load_config(args.config, args.set, world) if args.config
+               else read_config(ckpt_dir, args.set).validate(world))
+        cfg.train.run_dir = run_dir
+    if args.run_dir:
+        cfg.train.run_dir = args.run_dir
+    return cfg
+
+
+def _fail(message: str) -> int:
+    print("error: " + " ".join(str(message).split("\n")), file=sys.stderr)
+    return 2
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    from moe_train.config import ConfigError
+    from moe_train.train import InputError
+
+    if args.num_workers < 1:
+        return _fail(f"--num-workers ({args.num_workers}) must be >= 1")
+    if args.max_failures < -1:
+        return _fail(f"--max-failures ({args.max_failures}) must be >= -1 (-1: no limit)")
+    try:
+        cfg = resolve_config(args)
+        if cfg.train.deepspeed_config:
+            from moe_train.launchers.deepspeed import resolve_deepspeed_config
+
+            resolve_deepspeed_config(cfg, args.num_workers)
+        # Workers run in other directories (and, with ray job submit, from a
+        # copy of the working dir): every path they get is absolute.
+        run_dir = cfg.train.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        cfg.train.run_dir = os.path.abspath(run_dir)
+        if cfg.data.cache_dir:
+            cfg.data.cache_dir = os.path.abspath(cfg.data.cache_dir)
+        if cfg.train.deepspeed_config:
+            cfg.train.deepspeed_config = os.path.abspath(cfg.train.deepspeed_config)
+        if os.path.isdir(cfg.data.dataset):
+            cfg.data.dataset = os.path.abspath(cfg.data.dataset)
+
+        from moe_train.train.trainer import prepare_run_dir
+
+        # A fresh run removes an earlier run's checkpoints here, once: the
+        # workers resume from whatever checkpoint the run directory holds.
+        removed = prepare_run_dir(cfg.train.run_dir, fresh=not args.resume)
+    except (ConfigError, InputError) as exc:
+        return _fail(str(exc))
+    if removed:
+        print(f"note: {cfg.train.run_dir} held an earlier run ({', '.join(removed)}); "
+              "starting it over (pass --resume to continue it instead)", flush=True)
+
+    from moe_train.launchers.ray import run
+
+    try:
+        result = run(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu,
+                     max_failures=args.max_failures, address=args.address)
+    except Exception as exc:  # Ray Train raises the workers' error once retries are spent
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"error: training failed after {args.max_failures} restart(s): {first} "
+              "(the workers' logs above have the details)", file=sys.stderr)
+        return 1
+    metrics = result.metrics or {}
+    print(f"ray: done, {metrics.get('steps')} steps, train loss {metrics.get('train_loss')}, "
+          f"checkpoint {cfg.train.run_dir}/checkpoints (Ray's copy: "
+          f"{result.checkpoint.path if result.checkpoint else None})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Ray end to end: ``ray job submit ... -- python launch/ray_train.py`` against
+a Ray head started on 127.0.0.1 for this module.
+
+(a) a 2-worker job reproduces the losses of a single-process run with the
+same global batch and writes the same metrics.jsonl keys;
+(b) a worker killed partway (the FAULT_ENV hook of moe_train.launchers.ray)
+makes Ray restart the worker group, which resumes from the latest checkpoint:
+the job still finishes every step, the resume point is within one checkpoint
+interval of the kill, and the whole loss curve is still the single-process one.
+Bad input is refused before Ray starts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
+import yaml
+
+pytest.importorskip("ray")
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+STEPS, SAVE_EVERY, FAULT_STEP = 8, 3, 4
+# fp32 runs that differ only in how ranks split the work agree to ~1e-7 (the
+# order of float sums); a wrong expert or optimizer state after a resume
+# moves the loss by ~1e-4 within a step or two.
+LOSS_RTOL = 1e-5
+
+CONFIG = {
+    "model": {"vocab_size": 256, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
+              "num_kv_heads": 2, "ffn_hidden_size": 32, "max_seq_len": 32},
+    "moe": {"num_experts": 4, "top_k": 2},
+    "parallel": {"expert_parallel_size": 2},
+    "data": {"dataset": "shakespeare"},
+    "train": {"max_steps": STEPS, "seed": 7, "global_batch_size": 8, "micro_batch_size": 2,
+              "seq_len": 32, "lr": 0.01, "warmup_steps": 2, "grad_clip": 0.05, "log_every": 1,
+              "eval_every": 4, "eval_iters": 1, "save_every": SAVE_EVERY, "heatmap_every": 0},
+}
+
+# A Ray instance on loopback only (see docs/launching.md).
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+           "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+PORT_OPTIONS = ("port", "dashboard-port", "dashboard-agent-listen-port",
+                "dashboard-agent-grpc-port", "ray-client-server-port", "runtime-env-agent-port",
+                "metrics-export-port", "node-manager-port", "object-manager-port")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    return dict(os.environ, **RAY_ENV)
+
+
+def _session_pids(sid: int):
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.getsid(int(name)) == sid:
+                    pids.append(int(name))
+            except OSError:
+                continue
+    return pids
+
+
+def _stop_session(proc) -> None:
+    """Stop the Ray head this module started: SIGTERM to ``ray start --block``
+    (it shuts its processes down), then SIGKILL whatever is left in the
+    session it was started in. Never ``ray stop``, which would stop every Ray
+    instance on the machine."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+    for pid in _session_pids(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """``ray start --head`` on 127.0.0.1 with ports of its own; yields the
+    dashboard (job submission) address."""
+    root = tmp_path_factory.mktemp("ray_head")
+    # Ray puts unix sockets under its temp dir: keep the path short (108-byte limit).
+    temp_dir = tempfile.mkdtemp(prefix="moe-ray-", dir="/tmp")
+    ports = {name: free_port() for name in PORT_OPTIONS}
+    cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+           "--dashboard-host=127.0.0.1", "--num-cpus=4", "--disable-usage-stats",
+           f"--temp-dir={temp_dir}"] + [f"--{name}={port}" for name, port in ports.items()]
+    log = open(root / "head.log", "w")
+    proc = subprocess.Popen(cmd, env=env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(address + "/api/version", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.flush()
+                    pytest.fail(f"ray head did not start:\n{(root / 'head.log').read_text()}")
+                time.sleep(0.5)
+        yield address
+    finally:
+        _stop_session(proc)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray_runs")
+    with open(root / "config.yaml", "w") as fh:
+        yaml.safe_dump(CONFIG, fh)
+    return root
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+@pytest.fixture(scope="module")
+def reference(workdir):
+    """A single-process run (plain launch/train.py) of the same config."""
+    run_dir = str(workdir / "single")
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "launch", "train.py"), "--config",
+         str(workdir / "config.yaml"), "--run-dir", run_dir,
+         "--set", "parallel.expert_parallel_size=1"],
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return read_metrics(run_dir)
+
+
+def submit(address, workdir, run_dir, extra_env=None, max_failures=0):
+    """``ray job submit`` of launch/ray_train.py with 2 workers; returns
+    (exit code, the job's output)."""
+    cmd = [RAY, "job", "submit", "--address", address, "--working-dir", "."]
+    if extra_env:
+        cmd += ["--runtime-env-json", json.dumps({"env_vars": extra_env})]
+    cmd += ["--", sys.executable, "launch/ray_train.py", "--config", str(workdir / "config.yaml"),
+            "--num-workers", "2", "--run-dir", run_dir, "--max-failures", str(max_failures)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the submit client this test started
+        output, _ = proc.communicate()
+        pytest.fail(f"ray job submit ran past 240s:\n{output[-4000:]}")
+    return proc.returncode, output
+
+
+def assert_matches(records, reference):
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert [sorted(r) for r in records] == [sorted(r) for r in reference]
+    assert [r["train/loss"] for r in records] == \
+        pytest.approx([r["train/loss"] for r in reference], rel=LOSS_RTOL)
+
+
+def test_ray_job_submit_matches_single_process(ray_head, workdir, reference):
+    run_dir = str(workdir / "job")
+    rc, output = submit(ray_head, workdir, run_dir)
+    assert rc == 0, output[-4000:]
+    assert_matches(read_metrics(run_dir), reference)
+    assert os.path.isdir(os.path.join(run_dir, "checkpoints", f"step_{STEPS}"))
+    assert os.path.isdir(os.path.join(run_dir, "tb"))
+    # The final checkpoint was reported to Ray, which keeps a copy under run_dir/ray.
+    copies = [d for _, dirs, _ in os.walk(os.path.join(run_dir, "ray"))
+              for d in dirs if d.startswith("checkpoint_")]
+    assert copies, output[-2000:]
+
+
+def test_ray_worker_killed_resumes_from_checkpoint(ray_head, workdir, reference, tmp_path):
+    run_dir = str(workdir / "fault")
+    marker = str(tmp_path / "fault-fired")
+    rc, output = submit(ray_head, workdir, run_dir, max_failures=1,
+                        extra_env={"MOE_TRAIN_TEST_RAY_FAULT": f"1:{FAULT_STEP}:{marker}"})
+    assert rc == 0, output[-4000:]
+    assert os.path.exists(marker), "the fault hook never fired"
+    resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", output)]
+    assert resumed, f"no resume in the job output:\n{output[-4000:]}"
+    # The restarted group went back at most one checkpoint interval, not to step 0.
+    assert FAULT_STEP - SAVE_EVERY <= min(resumed) < STEPS, resumed
+    # Every step logged once, and the curve is the uninterrupted one.
+    assert_matches(read_metrics(run_dir), reference)
+
+
+def test_ray_bad_config_refused_before_ray_starts(workdir):
+    run_dir = workdir / "bad"
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "launch", "ray_train.py"), "--config",
+         str(workdir / "config.yaml"), "--num-workers", "3", "--run-dir", str(run_dir)],
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "parallel.expert_parallel_size" in errors[0], result.stderr
+    assert not os.path.exists(run_dir / "ray")

@@ -9,40 +9,23 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 import yaml
 
+from .launch_common import LOSS_RTOL, REPO, TRAIN, free_port, read_metrics, tiny_ep2_config
+
 pytest.importorskip("deepspeed")
 
 from moe_train.config import ConfigError, config_from_dict  # noqa: E402
 from moe_train.launchers.deepspeed import resolve_deepspeed_config  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN = os.path.join(REPO, "launch", "train.py")
 ZERO2 = os.path.join(REPO, "configs", "deepspeed", "zero2.json")
 STEPS, SAVE_EVERY = 10, 5
-# fp32 runs that differ only in how ranks split the work agree to ~1e-7 (the
-# order of float sums); a wrong expert or optimizer state after a resume
-# moves the loss by ~1e-4 within a step or two.
-LOSS_RTOL, NORM_RTOL = 1e-5, 1e-4
-
-CONFIG = {
-    "model": {"vocab_size": 256, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
-              "num_kv_heads": 2, "ffn_hidden_size": 32, "max_seq_len": 32},
-    "moe": {"num_experts": 4, "top_k": 2, "capacity_factor": None},
-    "parallel": {"expert_parallel_size": 2},
-    "data": {"dataset": "shakespeare"},
-    # grad_clip far below the gradient norm: every step clips, so the global
-    # norm over both ranks' experts must be right for the losses to agree.
-    "train": {"max_steps": STEPS, "seed": 11, "precision": "fp32", "global_batch_size": 8,
-              "micro_batch_size": 2, "seq_len": 32, "lr": 0.01, "warmup_steps": 2,
-              "grad_clip": 0.05, "log_every": 1, "eval_every": 5, "eval_iters": 1,
-              "save_every": SAVE_EVERY, "heatmap_every": 0},
-}
+CONFIG = tiny_ep2_config(STEPS, seed=11, eval_every=5, save_every=SAVE_EVERY)
+NORM_RTOL = 1e-4
 
 
 # ----------------------------------------------------------------------------
@@ -125,12 +108,6 @@ def test_launch_train_refuses_bad_deepspeed_config_with_exit_2(tmp_path):
 # End to end
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(cmd, log_path, timeout: float = 300) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     with open(log_path, "w") as log:
@@ -153,11 +130,6 @@ def deepspeed_cmd():
     if os.path.exists(script):
         return [script]
     return [sys.executable, "-m", "deepspeed.launcher.runner"]
-
-
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
 
 
 def column(records, key):

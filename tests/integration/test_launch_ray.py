@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,26 +25,14 @@ import urllib.request
 import pytest
 import yaml
 
+from .launch_common import LOSS_RTOL, REPO, free_port, read_metrics, tiny_ep2_config
+
 pytest.importorskip("ray")
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 STEPS, SAVE_EVERY, FAULT_STEP = 8, 3, 4
-# fp32 runs that differ only in how ranks split the work agree to ~1e-7 (the
-# order of float sums); a wrong expert or optimizer state after a resume
-# moves the loss by ~1e-4 within a step or two.
-LOSS_RTOL = 1e-5
+CONFIG = tiny_ep2_config(STEPS, seed=7, eval_every=4, save_every=SAVE_EVERY)
 
-CONFIG = {
-    "model": {"vocab_size": 256, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
-              "num_kv_heads": 2, "ffn_hidden_size": 32, "max_seq_len": 32},
-    "moe": {"num_experts": 4, "top_k": 2},
-    "parallel": {"expert_parallel_size": 2},
-    "data": {"dataset": "shakespeare"},
-    "train": {"max_steps": STEPS, "seed": 7, "global_batch_size": 8, "micro_batch_size": 2,
-              "seq_len": 32, "lr": 0.01, "warmup_steps": 2, "grad_clip": 0.05, "log_every": 1,
-              "eval_every": 4, "eval_iters": 1, "save_every": SAVE_EVERY, "heatmap_every": 0},
-}
 
 # A Ray instance on loopback only (see docs/launching.md).
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
@@ -53,12 +40,6 @@ RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"
 PORT_OPTIONS = ("port", "dashboard-port", "dashboard-agent-listen-port",
                 "dashboard-agent-grpc-port", "ray-client-server-port", "runtime-env-agent-port",
                 "metrics-export-port", "node-manager-port", "object-manager-port")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict:
@@ -135,11 +116,6 @@ def workdir(tmp_path_factory):
     with open(root / "config.yaml", "w") as fh:
         yaml.safe_dump(CONFIG, fh)
     return root
-
-
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
 
 
 @pytest.fixture(scope="module")

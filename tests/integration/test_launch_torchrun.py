@@ -4,10 +4,8 @@ losses of a single-process run with the same global batch, and write the same
 metrics.jsonl keys."""
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,32 +13,14 @@ import time
 import pytest
 import yaml
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN = os.path.join(REPO, "launch", "train.py")
+from .launch_common import LOSS_RTOL, REPO, TRAIN, free_port, read_metrics, tiny_ep2_config
+
 STEPS = 6
-# fp32 runs that differ only in how ranks split the work agree to ~1e-7 (the
-# order of float sums); a wrong expert or optimizer state after a resume
-# moves the loss by ~1e-4 within a step or two.
-LOSS_RTOL, NORM_RTOL = 1e-5, 1e-4
+CONFIG = tiny_ep2_config(STEPS, seed=7, eval_every=3, save_every=3)
+NORM_RTOL = 1e-4
 
 # EP=2 over the 2 ranks: the all-to-all runs across "nodes" in the multi-node case.
-CONFIG = {
-    "model": {"vocab_size": 256, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
-              "num_kv_heads": 2, "ffn_hidden_size": 32, "max_seq_len": 32},
-    "moe": {"num_experts": 4, "top_k": 2},
-    "parallel": {"expert_parallel_size": 2},
-    "data": {"dataset": "shakespeare"},
-    "train": {"max_steps": STEPS, "seed": 7, "global_batch_size": 8, "micro_batch_size": 2,
-              "seq_len": 32, "lr": 0.01, "warmup_steps": 2, "grad_clip": 0.05, "log_every": 1,
-              "eval_every": 3, "eval_iters": 1, "save_every": 3, "heatmap_every": 0},
-}
 SINGLE = ["--set", "parallel.expert_parallel_size=1"]  # one process holds every expert
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict:
@@ -71,11 +51,6 @@ def run(cmd, log_path, timeout: float = 180) -> None:
     with open(log_path) as fh:
         output = fh.read()
     assert rc == 0, f"{' '.join(cmd)} exited {rc}:\n{output[-4000:]}"
-
-
-def read_metrics(run_dir: str):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
 
 
 def losses(records):

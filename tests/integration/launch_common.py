@@ -4,6 +4,8 @@ import json
 import os
 import socket
 
+import yaml
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = os.path.join(REPO, "launch", "train.py")
 # fp32 runs that differ only in how ranks split the work agree to ~1e-7 (the
@@ -39,3 +41,11 @@ def free_port() -> int:
 def read_metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         return [json.loads(line) for line in fh]
+
+
+def config_dir(tmp_path_factory, name: str, config: dict):
+    """A fresh temporary directory holding ``config.yaml`` with ``config``."""
+    root = tmp_path_factory.mktemp(name)
+    with open(root / "config.yaml", "w") as fh:
+        yaml.safe_dump(config, fh)
+    return root

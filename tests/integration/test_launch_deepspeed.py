@@ -15,7 +15,7 @@ import sys
 import pytest
 import yaml
 
-from .launch_common import LOSS_RTOL, REPO, TRAIN, free_port, read_metrics, tiny_ep2_config
+from .launch_common import config_dir, LOSS_RTOL, REPO, TRAIN, free_port, read_metrics, tiny_ep2_config
 
 pytest.importorskip("deepspeed")
 
@@ -138,10 +138,7 @@ def column(records, key):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("deepspeed")
-    with open(root / "config.yaml", "w") as fh:
-        yaml.safe_dump(CONFIG, fh)
-    return root
+    return config_dir(tmp_path_factory, "deepspeed", CONFIG)
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,8 @@ import time
 import urllib.request
 
 import pytest
-import yaml
 
-from .launch_common import LOSS_RTOL, REPO, free_port, read_metrics, tiny_ep2_config
+from .launch_common import config_dir, LOSS_RTOL, REPO, free_port, read_metrics, tiny_ep2_config
 
 pytest.importorskip("ray")
 
@@ -112,10 +111,7 @@ def ray_head(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ray_runs")
-    with open(root / "config.yaml", "w") as fh:
-        yaml.safe_dump(CONFIG, fh)
-    return root
+    return config_dir(tmp_path_factory, "ray_runs", CONFIG)
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,8 @@ import sys
 import time
 
 import pytest
-import yaml
 
-from .launch_common import LOSS_RTOL, REPO, TRAIN, free_port, read_metrics, tiny_ep2_config
+from .launch_common import config_dir, LOSS_RTOL, REPO, TRAIN, free_port, read_metrics, tiny_ep2_config
 
 STEPS = 6
 CONFIG = tiny_ep2_config(STEPS, seed=7, eval_every=3, save_every=3)
@@ -68,10 +67,7 @@ def assert_same_run(records, reference):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("torchrun")
-    with open(root / "config.yaml", "w") as fh:
-        yaml.safe_dump(CONFIG, fh)
-    return root
+    return config_dir(tmp_path_factory, "torchrun", CONFIG)
 
 
 @pytest.fixture(scope="module")

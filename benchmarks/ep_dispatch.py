@@ -162,11 +162,6 @@ def main(argv=None):
     common.add_thp_flag(p)
     args = p.parse_args(argv)
     t_start = time.perf_counter()
-    try:
-        import moe_train.moe.all_to_all  # noqa: F401
-    except ImportError:
-        print("note: moe_train/moe/all_to_all.py has not landed: no EP dispatch numbers.")
-        return
     world = 2
     device = common.pick_device()
     if device.type == "cuda" and torch.cuda.device_count() < world:

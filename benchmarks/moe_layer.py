@@ -90,8 +90,8 @@ def main(argv=None):
     p.add_argument("--no-profile", action="store_true", help="skip the phase breakdown")
     p.add_argument("--profile-iters", type=int, default=2, help="iterations per phase profile")
     p.add_argument("--proto", action="store_true",
-                   help="add proto_chunk and proto_gather: ours_tc with prototypes 3 and 3+4 of "
-                        "prototypes.py (proto_tc, prototypes 1+2, runs through --variants)")
+                   help="add proto_tc: ours_tc with prototypes 1+2 of prototypes.py (prototypes "
+                        "3+4 are moe_train's own path now, so proto_chunk/proto_gather = ours_tc)")
     common.add_thp_flag(p)
     args = p.parse_args(argv)
 
@@ -114,7 +114,7 @@ def main(argv=None):
         print("note: megatron-core's MoELayer joins only on GPU (it needs CUDA for its RNG "
               "tracker and dispatcher); skipped on CPU.")
     if args.proto:
-        names += ["proto_chunk", "proto_gather"]
+        names += ["proto_tc"]
     if args.variants:
         names = [n for n in args.variants.split(",")]
     try:
@@ -163,7 +163,7 @@ def main(argv=None):
                           + [v for p_ in PROTOS if p_ in names
                              for v in (paired(p_, "ours_tc"), paired(p_, "naive"), paired(p_, "dense"))])
         if not args.no_profile and "ours_tc" in mods and "dense" in mods:
-            prof_names = [n for n in ("dense", "naive", "ours_tc", "proto_gather") if n in mods]
+            prof_names = [n for n in ("dense", "naive", "ours_tc", "proto_tc") if n in mods]
             ph = {n: profile_phases(mods[n], x, g, args.profile_iters) for n in prof_names}
             for phase in list(PHASES) + ["other (dispatch overhead, views, autograd)"]:
                 phase_rows.append([E, K, phase] + [1e3 * ph[n].get(phase, 0.0) for n in prof_names])

@@ -9,17 +9,23 @@
    disappear. It saves the pre-activations h1 = x W1^T and h3 = x W3^T
    ([n_e,F] per expert) and recomputes silu(h1) and silu(h1)*h3 in the backward,
    where autograd keeps four [N,F] tensors (h1, silu(h1), h3, their product).
-2. ``combine_inplace``: ``unpermute`` with ``index_add_`` into the fresh
-   zeros instead of the out-of-place ``index_add`` (which copies [T,D] once
-   more).
+   It works on the packed [N,D] layout, so ``proto_tc`` dispatches with
+   ``permute`` (the layout the all-to-all dispatcher uses) rather than the
+   per-expert blocks of LocalDispatcher.
+2. ``unpermute`` with ``index_add_`` into the fresh zeros instead of the
+   out-of-place ``index_add``: now moe_train's ``unpermute`` itself.
 3. ``chunked``: the experts return their outputs as a list (no cat) and the
-   combine weights and scatter-adds each expert's chunk in place, so the
-   [N,D] temporaries of the combine (forward and backward) become
-   per-expert [n_e,D] ones.
+   combine weights and scatter-adds each expert's chunk in place.
 4. ``gather_chunks`` (with 3): the dispatch gathers each expert's rows
    separately, through one autograd Function whose backward scatter-adds all
-   chunks' gradients into a single [T,D] buffer: no [N,D] tensor is left,
-   forward or backward.
+   chunks' gradients into a single [T,D] buffer.
+
+3 and 4 are now moe_train's EP=1 path (``permute_chunks`` /
+``unpermute_chunks`` in moe/permute.py, LocalDispatcher, Experts.forward on a
+list), so their prototype code is gone: ``apply_prototype(chunked=True)`` and
+``apply_prototype(gather_chunks=True)`` leave the layer as it is, and the
+``proto_chunk`` / ``proto_gather`` variants are ``ours_tc`` (prototype 3
+without 4 was not kept). The benchmarks that still ask for them keep running.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import common  # noqa: F401  (repo root on sys.path)
-from moe_train.moe.permute import Permutation
+from moe_train.moe.permute import make_permutation, permute, unpermute
 
 
 def _silu_grad(h1: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
@@ -127,104 +133,37 @@ def fused_experts_forward(experts, x_routed_ND: torch.Tensor,
     return _FusedExpertsFn.apply(x_routed_ND, counts, swiglu, *weights)
 
 
-def combine_inplace(y_routed_ND: torch.Tensor, perm: Permutation) -> torch.Tensor:
-    """``unpermute`` with an in-place index_add_ into the new zeros."""
-    dtype = torch.promote_types(y_routed_ND.dtype, perm.weight_N.dtype)
-    weighted_ND = y_routed_ND.to(dtype) * perm.weight_N.to(dtype).unsqueeze(-1)
-    y_TD = weighted_ND.new_zeros(perm.num_tokens, y_routed_ND.shape[-1])
-    return y_TD.index_add_(0, perm.token_index_N, weighted_ND)
-
-
-def chunked_experts_forward(experts, x_routed_ND, tokens_per_local_expert):
-    """Experts.forward without the final torch.cat: a list of per-expert outputs
-    (``x_routed_ND`` may already be the list of per-expert inputs)."""
-    if isinstance(x_routed_ND, (list, tuple)):
-        chunks = x_routed_ND
-    else:
-        chunks = torch.split(x_routed_ND, tokens_per_local_expert.tolist())
-    return [expert(chunk) for expert, chunk in zip(experts.experts, chunks)]
-
-
-def chunked_combine(y_chunks, perm: Permutation) -> torch.Tensor:
-    """unpermute over per-expert chunks: each chunk is gate-weighted and
-    index_add_-ed into one [T,D] buffer in place, so no [N,D] temporary
-    (the cat, the weighted rows, and in the backward the gathered gradient
-    and both products) is ever allocated whole."""
-    counts = [c.shape[0] for c in y_chunks]
-    tok = torch.split(perm.token_index_N, counts)
-    wts = torch.split(perm.weight_N, counts)
-    dtype = torch.promote_types(y_chunks[0].dtype, perm.weight_N.dtype)
-    y_TD = y_chunks[0].new_zeros(perm.num_tokens, y_chunks[0].shape[-1], dtype=dtype)
-    for y_nD, t_n, w_n in zip(y_chunks, tok, wts):
-        if y_nD.shape[0]:
-            y_TD.index_add_(0, t_n, y_nD.to(dtype) * w_n.to(dtype).unsqueeze(-1))
-    return y_TD
-
-
-class _GatherChunks(torch.autograd.Function):
-    """Per-expert row gathers of x_TD with one shared backward buffer: the
-    backward of E separate index_selects would zero-fill E [T,D] tensors
-    (what the naive Mixtral loop pays) and the backward of one big gather
-    plus split would allocate the [N,D] gradient whole."""
-
-    @staticmethod
-    def forward(ctx, x_TD, *token_chunks):
-        ctx.save_for_backward(*token_chunks)
-        ctx.shape = x_TD.shape
-        return tuple(x_TD.index_select(0, t) for t in token_chunks)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        grad_TD = grads[0].new_zeros(ctx.shape)
-        for t, g in zip(ctx.saved_tensors, grads):
-            if g is not None and t.numel():
-                grad_TD.index_add_(0, t, g)
-        return (grad_TD,) + (None,) * len(grads)
-
-
-class _ChunkedDispatcher:
-    def __init__(self, base, gather_chunks: bool = False):
-        self.base = base
-        self.gather_chunks = gather_chunks
-
-    def dispatch(self, x_TD, decision):
-        if not self.gather_chunks:
-            return self.base.dispatch(x_TD, decision)
-        from moe_train.moe.permute import make_permutation
-        perm = make_permutation(decision, x_TD.shape[0])
-        counts = perm.tokens_per_expert_E.tolist()
-        chunks = _GatherChunks.apply(x_TD, *torch.split(perm.token_index_N, counts))
-        return list(chunks), perm.tokens_per_expert_E, perm
-
-    def combine(self, y_chunks, meta):
-        return chunked_combine(y_chunks, meta)
-
-
 class _ProtoDispatcher:
-    def __init__(self, base):
-        self.base = base
+    """LocalDispatcher with the packed [N,D] layout that prototype 1 needs
+    (``permute`` / ``unpermute``, the all-to-all dispatcher's local steps);
+    ``unpermute`` already adds in place (prototype 2)."""
 
     def dispatch(self, x_TD, decision):
-        return self.base.dispatch(x_TD, decision)
+        perm = make_permutation(decision, x_TD.shape[0])
+        return permute(x_TD, perm), perm.tokens_per_expert_E, perm
 
     def combine(self, y_routed_ND, meta):
-        return combine_inplace(y_routed_ND, meta)
+        return unpermute(y_routed_ND, meta)
 
 
 def apply_prototype(ours_module, fused_experts: bool = True, inplace_combine: bool = True,
                     chunked: bool = False, gather_chunks: bool = False):
-    """Patch a ``variants.Ours`` instance with the prototype changes
-    (``chunked``: prototype 3 instead of 1 and 2; ``gather_chunks``: 3 + 4)."""
+    """Patch a ``variants.Ours`` instance (or a MoELayer) with prototype 1+2.
+
+    ``chunked`` (3) and ``gather_chunks`` (3+4) are moe_train's own path now:
+    the layer is returned as it is. ``inplace_combine`` (2) is moe_train's
+    ``unpermute`` now; it stays a parameter so that old calls keep working,
+    and the packed dispatcher is installed whenever ``fused_experts`` is, since
+    the fused Function takes one [N,D] tensor.
+    """
     import types
     layer = getattr(ours_module, "layer", ours_module)   # an Ours wrapper or a MoELayer
     if chunked or gather_chunks:
-        layer.experts.forward = types.MethodType(chunked_experts_forward, layer.experts)
-        layer.dispatcher = _ChunkedDispatcher(layer.dispatcher, gather_chunks)
         return ours_module
+    if fused_experts or inplace_combine:
+        layer.dispatcher = _ProtoDispatcher()
     if fused_experts:
         layer.experts.forward = types.MethodType(fused_experts_forward, layer.experts)
-    if inplace_combine:
-        layer.dispatcher = _ProtoDispatcher(layer.dispatcher)
     return ours_module
 
 
@@ -251,7 +190,5 @@ def check_equal(seed: int = 0, **proto) -> float:
 
 if __name__ == "__main__":
     print(f"prototypes 1+2 vs current, max abs difference of output and grads: {check_equal():.2e}")
-    print(f"prototype 3 vs current, max abs difference of output and grads: "
-          f"{check_equal(chunked=True):.2e}")
-    print(f"prototypes 3+4 vs current, max abs difference of output and grads: "
-          f"{check_equal(gather_chunks=True):.2e}")
+    print("prototypes 3 and 3+4 are moe_train's path now; tests/unit/test_permute.py and "
+          "test_experts.py hold it equal to permute/unpermute and the reference loop")

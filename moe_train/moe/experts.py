@@ -5,7 +5,7 @@ N routed rows (kept assignments), grouped by local expert.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -23,7 +23,8 @@ class Experts(nn.Module):
     full-size gradient, which dominates the step on CPU. It also gives each
     expert Mixtral's names (``experts[i].w1/w2/w3``) for export.
 
-    ``forward`` is the fast grouped path; ``reference_forward`` the slow masked
+    ``forward`` is the fast grouped path (per-expert blocks in, blocks out; or
+    one grouped tensor in, one out); ``reference_forward`` the slow masked
     loop that tests hold it equal to (``moe.expert_impl`` picks one).
     """
 
@@ -37,22 +38,40 @@ class Experts(nn.Module):
             MLP(hidden_size, ffn_hidden_size, activation, init_std, output_std)
             for _ in range(num_experts))
 
-    def forward(self, x_routed_ND: torch.Tensor,
-                tokens_per_local_expert: torch.Tensor) -> torch.Tensor:
-        """Run each expert on its contiguous slice of ``x_routed [N,D]``.
+    def forward(self, x_routed: Union[Sequence[torch.Tensor], torch.Tensor],
+                tokens_per_local_expert: torch.Tensor
+                ) -> Union[List[torch.Tensor], torch.Tensor]:
+        """Run each local expert on its rows.
 
-        ``tokens_per_local_expert [E]`` gives the slice lengths (one host sync).
-        Experts with no rows still run on their empty slice: that costs
+        ``x_routed`` is either
+
+        - a list of E blocks, block e ``[n_e, D]`` the rows of local expert e
+          (what ``LocalDispatcher.dispatch`` returns): the result is the list
+          of E output blocks, not concatenated, because combine consumes them
+          block by block and a cat would make a whole [N,D] temporary; the
+          block lengths are the counts, so ``tokens_per_local_expert`` is not
+          read (no host sync here); or
+        - one tensor ``[N,D]`` grouped by local expert (what the all-to-all
+          dispatcher passes: its exchange needs one contiguous buffer), split
+          by ``tokens_per_local_expert [E]`` (one host sync): the result is
+          the ``[N,D]`` tensor of outputs in the same order.
+
+        Experts with no rows still run on their empty block: that costs
         nothing, and it gives every expert weight a (zero) gradient each step,
         so optimizers and gradient reducers never see a None gradient that
         depends on routing.
         """
-        counts = tokens_per_local_expert.tolist()
-        if len(counts) != self.num_experts:
-            raise ValueError(f"tokens_per_local_expert has {len(counts)} entries, "
-                             f"expected {self.num_experts} (one per local expert)")
-        chunks = torch.split(x_routed_ND, counts)
-        return torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])
+        if isinstance(x_routed, torch.Tensor):
+            counts = tokens_per_local_expert.tolist()
+            if len(counts) != self.num_experts:
+                raise ValueError(f"tokens_per_local_expert has {len(counts)} entries, "
+                                 f"expected {self.num_experts} (one per local expert)")
+            chunks = torch.split(x_routed, counts)
+            return torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])
+        if len(x_routed) != self.num_experts:
+            raise ValueError(f"x_routed has {len(x_routed)} blocks, expected "
+                             f"{self.num_experts} (one per local expert)")
+        return [expert(chunk) for expert, chunk in zip(self.experts, x_routed)]
 
     def reference_forward(self, x_TD: torch.Tensor, decision: RoutingDecision) -> torch.Tensor:
         """The obviously-right slow path, returning the combined ``y_TD [T,D]``.

@@ -1,8 +1,10 @@
 """Permutation between token order and expert order: pure local index math.
 
-Nothing here communicates. The local dispatcher is just `permute` then
-`unpermute`; the all-to-all dispatcher puts its two exchanges between them
-and reuses `chunk_sort_index` to regroup what it receives.
+Nothing here communicates. The local dispatcher is just `permute_chunks`
+then `unpermute_chunks` (the same math as `permute` / `unpermute`, kept as
+one block per expert); the all-to-all dispatcher needs one contiguous buffer
+for its exchanges, so it puts them between `permute` and `unpermute` and
+reuses `chunk_sort_index` to regroup what it receives.
 
 Legend: T tokens, D hidden, E experts (global), L local experts of a rank,
 R ranks, N kept (token, expert) assignments, M rows received by a rank.
@@ -10,6 +12,7 @@ R ranks, N kept (token, expert) assignments, M rows received by a rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import List, Sequence
 
 import torch
 
@@ -83,7 +86,86 @@ def unpermute(y_routed_ND: torch.Tensor, perm: Permutation) -> torch.Tensor:
     dtype = torch.promote_types(y_routed_ND.dtype, perm.weight_N.dtype)
     weighted_ND = y_routed_ND.to(dtype) * perm.weight_N.to(dtype).unsqueeze(-1)
     y_TD = weighted_ND.new_zeros(perm.num_tokens, y_routed_ND.shape[-1])
-    return y_TD.index_add(0, perm.token_index_N, weighted_ND)
+    # In place: the out-of-place index_add would copy the fresh zeros into a
+    # second [T,D] block. Autograd allows it: the zeros do not require grad
+    # before the call, and index_add_'s backward needs neither their old
+    # value nor the new one.
+    return y_TD.index_add_(0, perm.token_index_N, weighted_ND)
+
+
+class _GatherChunks(torch.autograd.Function):
+    """``x_TD.index_select(0, t)`` for each expert's token chunk ``t``, with one
+    backward buffer shared by all chunks.
+
+    Separate autograd index_selects would each zero-fill a [T,D] gradient in
+    the backward (E of them, summed); one index_select of all N rows followed
+    by ``torch.split`` would allocate the [N,D] gradient whole (the backward
+    of split is a cat). Here the backward makes a single zeros [T,D] and
+    ``index_add_``s each chunk's [n_e,D] gradient into it.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, *token_chunks):
+        ctx.save_for_backward(*token_chunks)
+        ctx.x_shape = x_TD.shape
+        return tuple(x_TD.index_select(0, t_n) for t_n in token_chunks)
+
+    @staticmethod
+    def backward(ctx, *grad_chunks):
+        # Autograd materialises the gradient of an unused output as zeros, so
+        # every entry is a tensor; they all have x's dtype and device.
+        grad_TD = grad_chunks[0].new_zeros(ctx.x_shape)
+        for t_n, g_nD in zip(ctx.saved_tensors, grad_chunks):
+            grad_TD.index_add_(0, t_n, g_nD)
+        return (grad_TD,) + (None,) * len(grad_chunks)
+
+
+def permute_chunks(x_TD: torch.Tensor, perm: Permutation) -> List[torch.Tensor]:
+    """``permute`` split by expert: a list of E blocks, block e ``[n_e, D]``
+    holding the rows routed to global expert e (``n_e`` from
+    ``tokens_per_expert_E``, one host sync), in ``permute``'s order.
+
+    Same values as ``torch.split(permute(x_TD, perm), counts)``, but no [N,D]
+    tensor exists in the forward or the backward. Why that matters on CPU:
+    glibc serves blocks of 32 MiB and more with a fresh mmap that page-faults
+    in every step, and at T=8192, K=2, D=512 an [N,D] fp32 block is exactly
+    that size; per-expert blocks are recycled by the heap
+    (docs/performance.md, "What limits the speed").
+    """
+    counts = perm.tokens_per_expert_E.tolist()
+    token_chunks = torch.split(perm.token_index_N, counts)
+    return list(_GatherChunks.apply(x_TD, *token_chunks))
+
+
+def unpermute_chunks(y_chunks: Sequence[torch.Tensor], perm: Permutation) -> torch.Tensor:
+    """``unpermute`` over per-expert blocks: ``y_chunks[e]`` ``[n_e, D]`` holds
+    the outputs for the rows of global expert e, in ``permute_chunks``' order.
+
+    Each block is weighted by its own gates and ``index_add_``ed in place into
+    one ``[T, D]`` buffer, in the promoted dtype of outputs and gates (fp32
+    under autocast, as ``unpermute``). No [N,D] temporary is made: neither
+    the cat of the blocks, nor the weighted rows, nor, in the backward, the
+    gathered gradient and its two products (for the rows and for the gates).
+    Gradients reach every block, empty ones included (so an expert that got
+    no rows still receives a zero weight gradient), and the gates.
+    """
+    num_experts = perm.tokens_per_expert_E.numel()
+    if len(y_chunks) != num_experts or num_experts == 0:
+        raise ValueError(f"unpermute_chunks needs one block per expert ({num_experts}), "
+                         f"got {len(y_chunks)}")
+    counts = [y_nD.shape[0] for y_nD in y_chunks]
+    if sum(counts) != perm.token_index_N.numel():
+        raise ValueError(f"the blocks hold {sum(counts)} rows, the permutation "
+                         f"{perm.token_index_N.numel()}")
+    token_chunks = torch.split(perm.token_index_N, counts)
+    weight_chunks = torch.split(perm.weight_N, counts)
+    dtype = torch.promote_types(y_chunks[0].dtype, perm.weight_N.dtype)
+    y_TD = y_chunks[0].new_zeros(perm.num_tokens, y_chunks[0].shape[-1], dtype=dtype)
+    for y_nD, t_n, w_n in zip(y_chunks, token_chunks, weight_chunks):
+        # Empty blocks are added too (a no-op): skipping them would cut the
+        # autograd path to that expert, and its weights would get None.
+        y_TD.index_add_(0, t_n, y_nD.to(dtype) * w_n.to(dtype).unsqueeze(-1))
+    return y_TD
 
 
 def inverse_index(index_M: torch.Tensor) -> torch.Tensor:

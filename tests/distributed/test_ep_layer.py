@@ -120,6 +120,8 @@ def ep_worker(rank: int, world: int, ep: int):
 
 def _fake_experts(x_routed, counts, offset):
     """Expert e multiplies by (e + 1): enough to see which expert got a row."""
+    if isinstance(x_routed, list):  # LocalDispatcher: one block per local expert
+        return [x * (offset + e + 1.0) for e, x in enumerate(x_routed)]
     scale = torch.repeat_interleave(torch.arange(len(counts)) + offset + 1.0, counts)
     return x_routed * scale[:, None]
 

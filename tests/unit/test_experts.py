@@ -1,5 +1,7 @@
 """MLP against transformers / the formula; fast grouped experts against the
-slow masked reference loop (outputs and every gradient)."""
+slow masked reference loop (outputs and every gradient), both through
+LocalDispatcher's per-expert blocks and through the packed [N,D] layout the
+all-to-all dispatcher passes."""
 import math
 
 import pytest
@@ -9,6 +11,7 @@ from moe_train.config import MoEConfig
 from moe_train.model.mlp import MLP
 from moe_train.moe.dispatcher import LocalDispatcher
 from moe_train.moe.experts import Experts
+from moe_train.moe.permute import make_permutation, permute, unpermute
 from moe_train.moe.router import build_router
 from moe_train.moe.routing import RoutingDecision
 
@@ -58,9 +61,25 @@ def test_mlp_init_and_no_bias():
 # ---------------------------------------------------------------------------- helpers
 
 def fast_path(experts, x_TD, decision):
+    """LocalDispatcher: per-expert blocks in, blocks out, no [N,D] tensor."""
     d = LocalDispatcher()
     x_routed, counts, meta = d.dispatch(x_TD, decision)
-    return d.combine(experts(x_routed, counts), meta)
+    assert isinstance(x_routed, list)
+    y_routed = experts(x_routed, counts)
+    assert isinstance(y_routed, list) and len(y_routed) == len(x_routed)
+    return d.combine(y_routed, meta)
+
+
+def packed_path(experts, x_TD, decision):
+    """The layout AllToAllDispatcher hands the experts: one [N,D] tensor
+    grouped by expert, split by the counts inside Experts.forward."""
+    perm = make_permutation(decision, x_TD.shape[0])
+    y_routed = experts(permute(x_TD, perm), perm.tokens_per_expert_E)
+    assert isinstance(y_routed, torch.Tensor)
+    return unpermute(y_routed, perm)
+
+
+PATHS = {"blocks": fast_path, "packed": packed_path}
 
 
 def assert_same_outputs_and_grads(f_fast, f_ref, tensors, module, atol=1e-6):
@@ -93,8 +112,9 @@ def hand_decision(token_index, expert_index, T, E, seed=0):
 
 # ---------------------------------------------------------------------------- hand-built decisions
 
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_fast_equals_reference_on_hand_built_decision(activation):
+def test_fast_equals_reference_on_hand_built_decision(activation, path):
     # Experts 1 and 4 get no tokens; token 0 goes to three experts, token 3 to
     # none, token 5 twice; assignments deliberately not in expert order.
     T, E, D, Fh = 6, 5, 8, 12
@@ -104,7 +124,7 @@ def test_fast_equals_reference_on_hand_built_decision(activation):
     experts = Experts(E, D, Fh, activation, init_std=0.3)
     x = torch.randn(T, D, requires_grad=True)
     decision = hand_decision(tok, exp, T, E)
-    y = assert_same_outputs_and_grads(lambda: fast_path(experts, x, decision),
+    y = assert_same_outputs_and_grads(lambda: PATHS[path](experts, x, decision),
                                       lambda: experts.reference_forward(x, decision),
                                       [x, decision.weight], experts)
     assert y[3].abs().sum() == 0
@@ -115,12 +135,13 @@ def test_fast_equals_reference_on_hand_built_decision(activation):
         torch.testing.assert_close(y[0], y0)
 
 
-def test_no_assignments_at_all():
+@pytest.mark.parametrize("path", list(PATHS))
+def test_no_assignments_at_all(path):
     T, E, D = 4, 3, 6
     experts = Experts(E, D, 8, "swiglu", init_std=0.3)
     x = torch.randn(T, D, requires_grad=True)
     decision = hand_decision([], [], T, E)
-    y = assert_same_outputs_and_grads(lambda: fast_path(experts, x, decision),
+    y = assert_same_outputs_and_grads(lambda: PATHS[path](experts, x, decision),
                                       lambda: experts.reference_forward(x, decision),
                                       [x], experts)
     assert y.shape == (T, D) and y.abs().sum() == 0
@@ -130,6 +151,23 @@ def test_wrong_count_length_is_an_error():
     experts = Experts(3, 4, 8, "swiglu")
     with pytest.raises(ValueError, match="local expert"):
         experts(torch.randn(2, 4), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="local expert"):
+        experts([torch.randn(1, 4), torch.randn(1, 4)], torch.tensor([1, 1]))
+
+
+def test_blocks_in_blocks_out_equal_packed_rows():
+    # Each output block is its expert applied to its input block, the same
+    # rows the packed path produces (an empty block stays empty).
+    torch.manual_seed(4)
+    experts = Experts(3, 4, 8, "swiglu", init_std=0.3)
+    counts = [2, 0, 3]
+    x_ND = torch.randn(sum(counts), 4)
+    blocks_out = experts(list(torch.split(x_ND, counts)), torch.tensor(counts))
+    assert [b.shape for b in blocks_out] == [(n, 4) for n in counts]
+    with torch.no_grad():
+        for e, (block, rows) in enumerate(zip(blocks_out, torch.split(x_ND, counts))):
+            torch.testing.assert_close(block, experts.experts[e](rows))
+    torch.testing.assert_close(torch.cat(blocks_out), experts(x_ND, torch.tensor(counts)))
 
 
 def test_expert_offset_holds_a_block_of_global_experts():
@@ -156,8 +194,9 @@ def test_expert_offset_holds_a_block_of_global_experts():
 GRID = [(E, k, c) for E in (1, 4, 16) for k in (1, 2, 4) for c in (1.0, None) if k <= E]
 
 
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("E,k,capacity_factor", GRID)
-def test_fast_equals_reference_with_real_router(E, k, capacity_factor):
+def test_fast_equals_reference_with_real_router(E, k, capacity_factor, path):
     B, S, D, Fh = 2, 8, 8, 12
     cfg = MoEConfig(num_experts=E, top_k=k, capacity_factor=capacity_factor,
                     hidden_size=D, ffn_hidden_size=Fh, activation="swiglu")
@@ -173,7 +212,7 @@ def test_fast_equals_reference_with_real_router(E, k, capacity_factor):
     def fast():
         decision = router(x, B, S)
         decisions.append(decision)
-        return fast_path(experts, x, decision)
+        return PATHS[path](experts, x, decision)
 
     assert_same_outputs_and_grads(fast, lambda: experts.reference_forward(x, router(x, B, S)),
                                   [x], module)

@@ -75,34 +75,20 @@ def _set_weight(layer: nn.Module, shard: torch.Tensor, dim: int) -> None:
         set_tensor_model_parallel_attributes(layer.weight, True, dim, 1)
 
 
-def _column_class():
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+def _tensor_only(base: type, name: str) -> type:
+    """A subclass of megatron-core's ``base`` linear that returns the output
+    tensor only (megatron returns ``(output, bias)``), with nn.Module's
+    extra-state hooks so state-dict keys match ``nn.Linear``'s."""
 
-    class ColumnParallel(ColumnParallelLinear):
-        """megatron-core ColumnParallelLinear that returns the output tensor only."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return base.forward(self, x)[0]
 
-        get_extra_state = nn.Module.get_extra_state
-        set_extra_state = nn.Module.set_extra_state
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-            return super().forward(x)[0]
-
-    return ColumnParallel
-
-
-def _row_class():
-    from megatron.core.tensor_parallel.layers import RowParallelLinear
-
-    class RowParallel(RowParallelLinear):
-        """megatron-core RowParallelLinear that returns the output tensor only."""
-
-        get_extra_state = nn.Module.get_extra_state
-        set_extra_state = nn.Module.set_extra_state
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-            return super().forward(x)[0]
-
-    return RowParallel
+    return type(name, (base,), {
+        "__doc__": f"megatron-core {base.__name__} that returns the output tensor only.",
+        "get_extra_state": nn.Module.get_extra_state,
+        "set_extra_state": nn.Module.set_extra_state,
+        "forward": forward,
+    })
 
 
 _CLASSES = {}
@@ -112,7 +98,10 @@ def _cls(kind: str):
     # Built once, on first use, so importing this module does not import
     # megatron-core (seconds of import time for single-process runs).
     if kind not in _CLASSES:
-        cls = _column_class() if kind == "column" else _row_class()
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+        cls = (_tensor_only(ColumnParallelLinear, "ColumnParallel") if kind == "column"
+               else _tensor_only(RowParallelLinear, "RowParallel"))
         cls.__module__, cls.__qualname__ = __name__, cls.__name__
         _CLASSES[kind] = cls
     return _CLASSES[kind]

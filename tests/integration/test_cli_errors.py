@@ -44,6 +44,8 @@ def run_entry(argv, tmp_path):
     ("console", ["train", "--set", "moe.top_k=9"], "moe.top_k"),
     ("launch", ["--local_rank", "0", "--run-dir", "blocker/run"], "train.run_dir"),
     ("launch", ["--local-rank=0", "--run-dir", "empty", "--resume"], "no checkpoint"),
+    ("launch", ["--deepspeed"], "--deepspeed_config"),
+    ("launch", ["--run-dir", "empty", "--deepspeed_config"], "--deepspeed_config"),
 ])
 def test_entry_points(entry, args, needle, tmp_path):
     (tmp_path / "blocker").write_text("a regular file where a directory should be")

@@ -286,6 +286,15 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def check_choice(path: str, value: Any) -> None:
+    """Raise ConfigError unless ``value`` is one of CHOICES[path]. Modules
+    built straight from a sub-config (no validate()) call it too, so the
+    allowed values are written down once."""
+    allowed = CHOICES[path]
+    _check(value in allowed, f"{path} ({value!r}) must be one of: "
+           + ", ".join("null" if a is None else a for a in allowed))
+
+
 def _walk(obj: Any, prefix: str):
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
@@ -300,9 +309,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     parallel-layout rules. Raises ConfigError."""
     for path, value in _walk(cfg, ""):
         if path in CHOICES:
-            allowed = CHOICES[path]
-            _check(value in allowed, f"{path} ({value!r}) must be one of: "
-                   + ", ".join("null" if a is None else a for a in allowed))
+            check_choice(path, value)
 
     m, e, p, t, d = cfg.model, cfg.moe, cfg.parallel, cfg.train, cfg.data
     for path, value in _walk(cfg, ""):

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-PRIORITIES = ("position", "gshard")
+from moe_train.config import check_choice
 
 
 def _ceil(x: float) -> int:
@@ -53,8 +53,7 @@ def priority_order(batch: int, seq: int, top_k: int, priority: str,
                    device: Optional[torch.device] = None) -> torch.Tensor:
     """[T*K] long: indices into the flattened [T, K] assignments (t*K + k),
     listed from the highest priority to the lowest."""
-    if priority not in PRIORITIES:
-        raise ValueError(f"moe.capacity_priority ({priority!r}) must be one of: {', '.join(PRIORITIES)}")
+    check_choice("moe.capacity_priority", priority)
     b = torch.arange(batch, device=device)
     s = torch.arange(seq, device=device)
     k = torch.arange(top_k, device=device)

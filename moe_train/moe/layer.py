@@ -12,13 +12,11 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from moe_train.config import MoEConfig
+from moe_train.config import MoEConfig, check_choice
 from moe_train.model.mlp import MLP
 from moe_train.moe.dispatcher import LocalDispatcher
 from moe_train.moe.experts import Experts
 from moe_train.moe.router import build_router
-
-EXPERT_IMPLS = ("grouped", "reference")
 
 
 @dataclass
@@ -62,9 +60,7 @@ class MoELayer(nn.Module):
                                  f"{name}= to MoELayer (the model passes its own)")
         if cfg.num_experts < 1:
             raise ValueError(f"moe.num_experts ({cfg.num_experts}) must be >= 1 for an MoE layer")
-        if cfg.expert_impl not in EXPERT_IMPLS:
-            raise ValueError(f"moe.expert_impl ({cfg.expert_impl!r}) must be one of: "
-                             + ", ".join(EXPERT_IMPLS))
+        check_choice("moe.expert_impl", cfg.expert_impl)
         self.cfg = cfg
         self.router = build_router(cfg)
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.ffn_hidden_size,

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_train.config import MoEConfig
+from moe_train.config import MoEConfig, check_choice
 from moe_train.moe import losses as L
 from moe_train.moe.capacity import capacity_keep_mask, expert_choice_k, token_capacity
 from moe_train.moe.routing import RoutingDecision
@@ -82,12 +82,8 @@ class TokenChoiceRouter(nn.Module):
         self.aux_loss_coef = cfg.aux_loss_coef
         self.z_loss_coef = cfg.z_loss_coef
         self.expert_bias_update_rate = cfg.expert_bias_update_rate
-        if self.score_order not in ("softmax_then_topk", "topk_then_softmax"):
-            raise ValueError(f"moe.score_order ({self.score_order!r}) must be one of: "
-                             "softmax_then_topk, topk_then_softmax")
-        if self.aux_loss not in ("switch", "shazeer", "sequence", "none"):
-            raise ValueError(f"moe.aux_loss ({self.aux_loss!r}) must be one of: "
-                             "switch, shazeer, sequence, none")
+        check_choice("moe.score_order", self.score_order)
+        check_choice("moe.aux_loss", self.aux_loss)
         if self.expert_bias_update_rate < 0:
             raise ValueError(f"moe.expert_bias_update_rate ({self.expert_bias_update_rate}) "
                              "must be >= 0")
@@ -249,9 +245,7 @@ class ExpertChoiceRouter(nn.Module):
         if cfg.expert_bias_update_rate > 0:
             raise ValueError(f"moe.expert_bias_update_rate ({cfg.expert_bias_update_rate}) "
                              "applies to moe.router = token_choice only")
-        if cfg.expert_choice_group not in ("position", "batch"):
-            raise ValueError(f"moe.expert_choice_group ({cfg.expert_choice_group!r}) must be one of: "
-                             "position, batch")
+        check_choice("moe.expert_choice_group", cfg.expert_choice_group)
         if cfg.expert_choice_group == "batch":
             warnings.warn("moe.expert_choice_group = batch routes over all tokens of the batch: "
                           "in a causal LM a sequence's later tokens change which earlier tokens "

@@ -115,35 +115,32 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def column_parallel(linear: nn.Linear, topology) -> nn.Module:
-    """A column-parallel copy of ``linear`` holding output rows
-    ``[tp_rank*out/tp, (tp_rank+1)*out/tp)``; its output is this rank's slice."""
+def _parallel_copy(linear: nn.Linear, topology, kind: str, dim: int, **direction) -> nn.Module:
+    """A megatron-core ``kind`` ("column" | "row") linear holding this rank's
+    slice of ``linear.weight`` along ``dim``."""
     if linear.bias is not None:
         raise ValueError("tensor parallelism here expects bias-free linears")
     w = linear.weight
-    layer = _cls("column")(w.shape[1], w.shape[0], config=_megatron_config(topology.tp_size, w.dtype),
-                           init_method=_no_init, bias=False, gather_output=False,
-                           skip_bias_add=False, tp_group=topology.tp_group)
+    layer = _cls(kind)(w.shape[1], w.shape[0], config=_megatron_config(topology.tp_size, w.dtype),
+                       init_method=_no_init, bias=False, skip_bias_add=False,
+                       tp_group=topology.tp_group, **direction)
     _as_plain_linear_state(layer)
-    _set_weight(layer, _shard(w, _COLUMN, topology.tp_size, topology.tp_rank), _COLUMN)
+    _set_weight(layer, _shard(w, dim, topology.tp_size, topology.tp_rank), dim)
     layer.weight.requires_grad_(w.requires_grad)
     return layer
+
+
+def column_parallel(linear: nn.Linear, topology) -> nn.Module:
+    """A column-parallel copy of ``linear`` holding output rows
+    ``[tp_rank*out/tp, (tp_rank+1)*out/tp)``; its output is this rank's slice."""
+    return _parallel_copy(linear, topology, "column", _COLUMN, gather_output=False)
 
 
 def row_parallel(linear: nn.Linear, topology) -> nn.Module:
     """A row-parallel copy of ``linear`` holding input columns
     ``[tp_rank*in/tp, (tp_rank+1)*in/tp)``; it takes this rank's input slice
     and returns the full output, summed over the TP group."""
-    if linear.bias is not None:
-        raise ValueError("tensor parallelism here expects bias-free linears")
-    w = linear.weight
-    layer = _cls("row")(w.shape[1], w.shape[0], config=_megatron_config(topology.tp_size, w.dtype),
-                        init_method=_no_init, bias=False, input_is_parallel=True,
-                        skip_bias_add=False, tp_group=topology.tp_group)
-    _as_plain_linear_state(layer)
-    _set_weight(layer, _shard(w, _ROW, topology.tp_size, topology.tp_rank), _ROW)
-    layer.weight.requires_grad_(w.requires_grad)
-    return layer
+    return _parallel_copy(linear, topology, "row", _ROW, input_is_parallel=True)
 
 
 def is_tensor_parallel_param(param: torch.Tensor) -> bool:

@@ -144,3 +144,13 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
             errors.sort(key=lambda e: "raised" not in e)
             raise WorkerError("\n".join(errors))
         return results
+
+
+def assert_checks(checks, where, rtol=1e-5, atol=1e-6):
+    """Assert each ``(label, got, expected)`` close: fp32 sums in another
+    order, so relative to each element and to the tensor's scale for
+    elements that nearly cancel."""
+    for label, got, expected in checks:
+        tol = max(atol, rtol * float(expected.abs().max())) if expected.numel() else atol
+        torch.testing.assert_close(got, expected, rtol=rtol, atol=tol,
+                                   msg=lambda m: f"{where}: {label}: {m}")

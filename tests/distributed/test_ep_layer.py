@@ -25,7 +25,7 @@ from moe_train.moe import MoELayer
 from moe_train.moe.dispatcher import LocalDispatcher
 from moe_train.moe.routing import RoutingDecision
 
-from .harness import init_topology_gloo, run_distributed
+from .harness import assert_checks, init_topology_gloo, run_distributed
 
 D, FFN, E, B, S = 8, 12, 8, 4, 3
 RTOL, ATOL = 1e-5, 1e-6
@@ -172,15 +172,6 @@ def ep_run(request):
     return world, run_distributed(ep_worker, world, ep, timeout=150)
 
 
-def _assert_checks(checks, where):
-    for label, got, expected in checks:
-        # fp32 sums in another order: relative to each element, and to the
-        # tensor's scale for elements that nearly cancel.
-        atol = max(ATOL, RTOL * float(expected.abs().max())) if expected.numel() else ATOL
-        torch.testing.assert_close(got, expected, rtol=RTOL, atol=atol,
-                                   msg=lambda m: f"{where}: {label}: {m}")
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_ep_layer_equals_ep1(ep_run, case):
     world, reports = ep_run
@@ -188,7 +179,7 @@ def test_ep_layer_equals_ep1(ep_run, case):
     for rank, report in enumerate(reports):
         r = report[case]
         assert r["local_experts"] == E // world
-        _assert_checks(r["checks"], f"rank {rank}")
+        assert_checks(r["checks"], f"rank {rank}", RTOL, ATOL)
         covered.update(r["names"])
     # Every parameter of the EP=1 layer was compared on some rank.
     assert covered == set(reports[0][case]["all_names"])
@@ -197,7 +188,7 @@ def test_ep_layer_equals_ep1(ep_run, case):
 def test_dispatcher_empty_and_remote_ranks(ep_run):
     world, reports = ep_run
     for rank, report in enumerate(reports):
-        _assert_checks(report["dispatcher_edge"], f"rank {rank}")
+        assert_checks(report["dispatcher_edge"], f"rank {rank}", RTOL, ATOL)
 
 
 def test_expert_param_names_and_single_process_parallelize():

@@ -18,7 +18,7 @@ from moe_train.model.attention import Attention
 from moe_train.model.mlp import MLP
 from moe_train.model.transformer import build_model
 
-from .harness import init_topology_gloo, run_distributed
+from .harness import assert_checks, init_topology_gloo, run_distributed
 
 B, S = 2, 5
 RTOL, ATOL = 1e-5, 1e-6
@@ -170,20 +170,11 @@ def tp_run():
     return run_distributed(tp_worker, 2, timeout=150)
 
 
-def _assert_checks(checks, where):
-    for label, got, expected in checks:
-        # fp32 sums in another order: relative to each element, and to the
-        # tensor's scale for elements that nearly cancel.
-        atol = max(ATOL, RTOL * float(expected.abs().max())) if expected.numel() else ATOL
-        torch.testing.assert_close(got, expected, rtol=RTOL, atol=atol,
-                                   msg=lambda m: f"{where}: {label}: {m}")
-
-
 @pytest.mark.parametrize("case", list(MODULE_CASES))
 def test_tp_module_equals_tp1(tp_run, case):
     for rank, report in enumerate(tp_run):
         r = report[case]
-        _assert_checks(r["checks"], f"rank {rank}")
+        assert_checks(r["checks"], f"rank {rank}", RTOL, ATOL)
         assert r["names"] == r["ref_names"]   # same parameter names as nn.Linear
 
 
@@ -197,7 +188,7 @@ def test_tp_attention_holds_its_own_heads(tp_run):
 def test_tp_model_equals_tp1(tp_run, case):
     for rank, report in enumerate(tp_run):
         r = report[case]
-        _assert_checks(r["checks"], f"rank {rank}")
+        assert_checks(r["checks"], f"rank {rank}", RTOL, ATOL)
         assert r["state_keys"] == r["ref_state_keys"]
     sharded = tp_run[0][case]["sharded"]
     assert any(".attn.wq." in n for n in sharded) and any(".attn.wo." in n for n in sharded)

@@ -50,44 +50,26 @@ def parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace):
-    """The config to train, validated for ``--num-workers`` ranks. With
-    --resume and no --config: the config stored with the run's latest
-    checkpoint (plus --set), as ``moe-train train --resume`` does."""
-    from moe_train.config import load_config
-    from moe_train.train import InputError
-    from moe_train.train.checkpoint import find_checkpoint, read_config
+    """The config to train, validated for ``--num-workers`` ranks, exactly as
+    ``moe-train train`` resolves it (a bare --resume: the run's latest
+    checkpoint, with its stored config when there is no --config)."""
+    from moe_train.cli import LATEST_CHECKPOINT, resolve_train_args
 
-    world = args.num_workers
-    if not args.resume:
-        cfg = load_config(args.config, args.set, world)
-    else:
-        run_dir = args.run_dir or load_config(args.config, args.set, world).train.run_dir
-        if not run_dir:
-            raise InputError("--resume needs --run-dir (or train.run_dir) to find the latest "
-                             "checkpoint")
-        ckpt_dir = find_checkpoint(run_dir)
-        cfg = (load_config(args.config, args.set, world) if args.config
-               else read_config(ckpt_dir, args.set).validate(world))
-        cfg.train.run_dir = run_dir
-    if args.run_dir:
-        cfg.train.run_dir = args.run_dir
-    return cfg
-
-
-def _fail(message: str) -> int:
-    print("error: " + " ".join(str(message).split("\n")), file=sys.stderr)
-    return 2
+    train_args = argparse.Namespace(config=args.config, set=args.set, run_dir=args.run_dir,
+                                    resume=LATEST_CHECKPOINT if args.resume else None)
+    return resolve_train_args(train_args, world_size=args.num_workers)[0]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
+    from moe_train.cli import fail
     from moe_train.config import ConfigError
     from moe_train.train import InputError
 
     if args.num_workers < 1:
-        return _fail(f"--num-workers ({args.num_workers}) must be >= 1")
+        return fail(f"--num-workers ({args.num_workers}) must be >= 1")
     if args.max_failures < -1:
-        return _fail(f"--max-failures ({args.max_failures}) must be >= -1 (-1: no limit)")
+        return fail(f"--max-failures ({args.max_failures}) must be >= -1 (-1: no limit)")
     try:
         cfg = resolve_config(args)
         if cfg.train.deepspeed_config:
@@ -111,7 +93,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # workers resume from whatever checkpoint the run directory holds.
         removed = prepare_run_dir(cfg.train.run_dir, fresh=not args.resume)
     except (ConfigError, InputError) as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     if removed:
         print(f"note: {cfg.train.run_dir} held an earlier run ({', '.join(removed)}); "
               "starting it over (pass --resume to continue it instead)", flush=True)

@@ -23,7 +23,7 @@ commands:
 
 run 'moe-train <command> --help' for the options of a command."""
 
-_LATEST = ""  # what a bare --resume means: the latest checkpoint of the run dir
+LATEST_CHECKPOINT = ""  # what a bare --resume means: the latest checkpoint of the run dir
 
 
 def train_parser(prog: str = "moe-train train") -> argparse.ArgumentParser:
@@ -37,14 +37,16 @@ def train_parser(prog: str = "moe-train train") -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set train.max_steps=50 (repeatable)")
     p.add_argument("--run-dir", metavar="DIR",
                    help="run directory (default: train.run_dir, else runs/<YYYYmmdd-HHMMSS>)")
-    p.add_argument("--resume", nargs="?", const=_LATEST, default=None, metavar="PATH",
+    p.add_argument("--resume", nargs="?", const=LATEST_CHECKPOINT, default=None, metavar="PATH",
                    help="continue from a checkpoint: bare, the latest one of the run dir; "
                         "or a run dir or checkpoint dir")
     return p
 
 
-def resolve_train_args(args: argparse.Namespace) -> Tuple[Config, Optional[str]]:
-    """The config to train and the checkpoint to resume from (or None).
+def resolve_train_args(args: argparse.Namespace,
+                       world_size: Optional[int] = None) -> Tuple[Config, Optional[str]]:
+    """The config to train and the checkpoint to resume from (or None),
+    validated for ``world_size`` ranks (default: the launcher's WORLD_SIZE).
 
     Resuming without --config takes the config stored with the checkpoint
     (plus any --set), so ``--resume --set train.max_steps=N`` extends a run.
@@ -53,14 +55,14 @@ def resolve_train_args(args: argparse.Namespace) -> Tuple[Config, Optional[str]]
     from moe_train.train import InputError
     from moe_train.train.checkpoint import find_checkpoint, read_config, run_dir_of
 
-    world = env_world_size()
+    world = env_world_size() if world_size is None else world_size
     if args.resume is None:
         cfg = load_config(args.config, args.set, world)
         if args.run_dir:
             cfg.train.run_dir = args.run_dir
         return cfg, None
 
-    if args.resume == _LATEST:
+    if args.resume == LATEST_CHECKPOINT:
         run_dir = args.run_dir or load_config(args.config, args.set, world).train.run_dir
         if not run_dir:
             raise InputError("--resume without a path needs --run-dir (or train.run_dir) "
@@ -78,7 +80,8 @@ def resolve_train_args(args: argparse.Namespace) -> Tuple[Config, Optional[str]]
     return cfg, ckpt_dir
 
 
-def _fail(message: str) -> int:
+def fail(message: str) -> int:
+    """Print ``message`` as one ``error:`` line on stderr; the exit status 2."""
     print("error: " + " ".join(str(message).split("\n")), file=sys.stderr)
     return 2
 
@@ -94,7 +97,7 @@ def train_main(argv: Optional[List[str]] = None, prog: str = "moe-train train") 
 
         train(cfg, resume=resume)
     except (ConfigError, InputError) as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     return 0
 
 
@@ -119,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from moe_train.train.export import main as export_main
 
         return export_main(rest) or 0
-    return _fail(f"unknown command {command!r}; choose one of: train, prepare-data, export")
+    return fail(f"unknown command {command!r}; choose one of: train, prepare-data, export")
 
 
 if __name__ == "__main__":

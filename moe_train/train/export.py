@@ -432,16 +432,6 @@ def export_hf(model: nn.Module, cfg: Config, output_dir: str, *, overwrite: bool
 # Loading and the command line
 
 
-def load_model(path: str):
-    """``(model, config)`` from a run directory or a checkpoint directory
-    (the trainer's :func:`moe_train.train.checkpoint.load_model`)."""
-    # Imported here: the checkpoint module pulls in the trainer's machinery,
-    # which export_hf on an in-memory model does not need.
-    from moe_train.train.checkpoint import load_model as _load
-
-    return _load(path)
-
-
 class _UsageError(Exception):
     pass
 
@@ -474,6 +464,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ExportError(f"--format {args.format} is not supported; the only format is hf "
                               "(a transformers MixtralForCausalLM directory)")
         check_output(args.output, args.overwrite)  # before the slow load
+        # Imported here: export_hf on an in-memory model needs none of the
+        # checkpoint machinery.
+        from moe_train.train.checkpoint import load_model
+
         model, cfg = load_model(args.checkpoint)
         out = export_hf(model, cfg, args.output, overwrite=args.overwrite)
     except (_UsageError, ExportError, ConfigError, OSError, ValueError, KeyError) as exc:

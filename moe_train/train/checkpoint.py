@@ -25,9 +25,9 @@ checkpoint, or the new one; a stale ``.tmp-*`` directory is removed by the
 next save. Ranks on several nodes must share the filesystem of the run dir.
 
 Model and optimizer state go through :func:`write_model_optimizer` and
-:func:`read_model_optimizer` only. ``load_model`` also reads the single-file
-``model.pt`` (every expert, EP=1 names) that DeepSpeed-engine checkpoints
-carry (:mod:`moe_train.launchers.deepspeed`).
+:func:`read_model_optimizer` only. DeepSpeed-engine checkpoints
+(:mod:`moe_train.launchers.deepspeed`) carry the same ``model/`` beside the
+engine's files, so ``load_model`` and export read them too.
 """
 from __future__ import annotations
 
@@ -52,7 +52,6 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 MODEL_DIR = dist_checkpoint.MODEL_DIR
 OPTIMIZER_DIR = dist_checkpoint.OPTIMIZER_DIR
-LEGACY_MODEL_FILE = "model.pt"
 TRAINER_FILE = "trainer.pt"
 RNG_DIR = "rng"
 CONFIG_FILE = "config.yaml"
@@ -109,27 +108,17 @@ def read_model_optimizer(ckpt_dir: str, model: torch.nn.Module,
                          optimizer: Optional[torch.optim.Optimizer] = None,
                          topology: Optional[Topology] = None) -> None:
     """Load the state written by :func:`write_model_optimizer` in place, each
-    rank its own part for its place in ``topology`` (any EP/TP size), or the
-    model from a DeepSpeed checkpoint's single ``model.pt``. Raises
+    rank its own part for its place in ``topology`` (any EP/TP size). Raises
     InputError for a checkpoint that does not hold what is asked for."""
     topology = topology or _single()
     try:
-        if dist_checkpoint.has_state(ckpt_dir, MODEL_DIR):
-            if optimizer is not None and not dist_checkpoint.has_state(ckpt_dir, OPTIMIZER_DIR):
-                raise InputError(f"checkpoint {ckpt_dir} has no optimizer state ({OPTIMIZER_DIR}/)")
-            dist_checkpoint.load(ckpt_dir, model, optimizer, topology)
-        elif os.path.isfile(os.path.join(ckpt_dir, LEGACY_MODEL_FILE)):
-            if optimizer is not None:
-                raise InputError(f"checkpoint {ckpt_dir} holds model weights only "
-                                 f"({LEGACY_MODEL_FILE}, a DeepSpeed-engine checkpoint?); resume "
-                                 "it with the train.deepspeed_config that wrote it")
-            device = next(model.parameters()).device
-            full = torch.load(os.path.join(ckpt_dir, LEGACY_MODEL_FILE), map_location=device,
-                              weights_only=True)
-            dist_checkpoint.load_logical_state_dict(model, full, topology)
-        else:
-            raise InputError(f"{ckpt_dir} is not a checkpoint (no {MODEL_DIR}/ or "
-                             f"{LEGACY_MODEL_FILE})")
+        if not dist_checkpoint.has_state(ckpt_dir, MODEL_DIR):
+            raise InputError(f"{ckpt_dir} is not a checkpoint (no {MODEL_DIR}/)")
+        if optimizer is not None and not dist_checkpoint.has_state(ckpt_dir, OPTIMIZER_DIR):
+            raise InputError(f"checkpoint {ckpt_dir} has no optimizer state ({OPTIMIZER_DIR}/); "
+                             "a DeepSpeed-engine checkpoint resumes with the "
+                             "train.deepspeed_config that wrote it")
+        dist_checkpoint.load(ckpt_dir, model, optimizer, topology)
     except dist_checkpoint.CheckpointError as exc:
         raise InputError(f"checkpoint {ckpt_dir}: {exc}")
 
@@ -323,10 +312,8 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module,
 
 
 def _is_checkpoint(path: str) -> bool:
-    # model/ (DCP) from this trainer, model.pt from the DeepSpeed engine's.
-    has_model = dist_checkpoint.has_state(path, MODEL_DIR) or \
-        os.path.isfile(os.path.join(path, LEGACY_MODEL_FILE))
-    return has_model and os.path.isfile(os.path.join(path, CONFIG_FILE))
+    return (dist_checkpoint.has_state(path, MODEL_DIR)
+            and os.path.isfile(os.path.join(path, CONFIG_FILE)))
 
 
 def find_checkpoint(path: str) -> str:

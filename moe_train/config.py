@@ -177,6 +177,10 @@ class ParallelConfig:
     """TP: ranks that split attention and dense MLP matrices (megatron-core)."""
     backend: Optional[str] = None
     """torch.distributed backend; null picks nccl with CUDA, gloo otherwise."""
+    dp_shard_size: int = 1
+    """Ranks of the data-parallel group that shard parameters, gradients and
+    optimizer state (FSDP2): 1 replicates, the data-parallel size shards fully
+    (ZeRO-3 class), a divisor in between is HSDP. Must divide the dp size."""
 
 
 @dataclass
@@ -239,6 +243,9 @@ class TrainConfig:
     """Steps between the layers x experts load heatmap image."""
     deepspeed_config: Optional[str] = None
     """Path of a DeepSpeed JSON config; set means the DeepSpeed engine trains."""
+    recompute: str = "none"
+    """Activation recompute: none | full (each transformer block) | selective
+    (attention core and expert MLPs; routing runs once)."""
 
 
 @dataclass
@@ -278,6 +285,7 @@ CHOICES = {
     "moe.expert_impl": ("grouped", "reference"),
     "parallel.backend": ("nccl", "gloo", None),
     "train.precision": ("fp32", "bf16"),
+    "train.recompute": ("none", "full", "selective"),
 }
 
 
@@ -315,7 +323,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     for path, value in _walk(cfg, ""):
         if path.endswith(("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_len",
                           "max_steps", "global_batch_size", "micro_batch_size", "seq_len",
-                          "expert_parallel_size", "tensor_parallel_size", "layer_freq",
+                          "expert_parallel_size", "tensor_parallel_size", "dp_shard_size", "layer_freq",
                           "top_k", "eval_iters", "keep_last", "log_every")) and value is not None:
             _check(value >= 1, f"{path} ({value}) must be >= 1")
     _check(m.hidden_size % m.num_heads == 0,
@@ -372,6 +380,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(t.heatmap_every >= 0, f"train.heatmap_every ({t.heatmap_every}) must be >= 0")
     _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction ({d.val_fraction}) must be in (0, 1)")
 
+    _check(not (t.deepspeed_config and p.dp_shard_size > 1),
+           f"parallel.dp_shard_size ({p.dp_shard_size}) must be 1 with train.deepspeed_config: "
+           "DeepSpeed shards with its own ZeRO stages (zero_optimization.stage)")
+
     tp = p.tensor_parallel_size
     _check(m.num_heads % tp == 0 and m.kv_heads % tp == 0,
            f"parallel.tensor_parallel_size ({tp}) must divide model.num_heads ({m.num_heads}) "
@@ -383,6 +395,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _check(dp % p.expert_parallel_size == 0,
                f"parallel.expert_parallel_size ({p.expert_parallel_size}) must divide the "
                f"data-parallel size ({dp} = world {world_size} / tp {tp})")
+        _check(dp % p.dp_shard_size == 0,
+               f"parallel.dp_shard_size ({p.dp_shard_size}) must divide the data-parallel "
+               f"size ({dp} = world {world_size} / tp {tp})")
         _check(t.global_batch_size % (t.micro_batch_size * dp) == 0,
                f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
                f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp})")

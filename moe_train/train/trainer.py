@@ -419,6 +419,17 @@ def _val_data(val_ds, t) -> List[torch.Tensor]:
     return val_batches(val_ds, t.eval_iters, t.micro_batch_size, t.seq_len, t.seed)
 
 
+def _refuse_unbuilt(cfg: Config) -> None:
+    # The keys exist (plan reads them); the loop refuses what it cannot run yet
+    # rather than silently replicating or keeping every activation.
+    if cfg.parallel.dp_shard_size > 1:
+        raise ConfigError(f"parallel.dp_shard_size ({cfg.parallel.dp_shard_size}): sharded "
+                          "data parallelism is not built yet; use 1")
+    if cfg.train.recompute != "none":
+        raise ConfigError(f"train.recompute ({cfg.train.recompute}): recompute is not built "
+                          "yet; use none")
+
+
 def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, Any]:
     """Train a model for ``cfg`` and return a summary dict (run_dir, steps,
     first_loss, train_loss, val_loss, tokens_per_sec, checkpoint, elapsed_s).
@@ -430,6 +441,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, Any]:
     line, naming the field or path) for bad input, before heavy work.
     """
     cfg.validate(env_world_size())
+    _refuse_unbuilt(cfg)
     if cfg.train.deepspeed_config:
         from moe_train.launchers.deepspeed import resolve_deepspeed_config
 

@@ -70,10 +70,13 @@ def call_main(argv, capsys):
     ("model.num_kv_heads=3", "model.num_kv_heads"),
     ("train.seq_len=512", "train.seq_len"),
     ("train.lr=-0.1", "train.lr"),
+    ("train.recompute=some", "train.recompute"),
+    ("parallel.dp_shard_size=2", "parallel.dp_shard_size (2) must divide"),
+    ("parallel.dp_shard_size=2 train.deepspeed_config=ds.json", "DeepSpeed shards"),
 ])
 def test_impossible_values(override, needle, tmp_path, capsys):
-    rc, err = call_main(["train", "--run-dir", str(tmp_path / "run")] + sets(TINY + [override]),
-                        capsys)
+    rc, err = call_main(["train", "--run-dir", str(tmp_path / "run")]
+                        + sets(TINY + override.split()), capsys)
     assert_one_line_error(rc, err, needle)
     assert not (tmp_path / "run").exists()
 

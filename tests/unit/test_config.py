@@ -18,6 +18,9 @@ def test_default_config_loads_and_validates():
     (["moe.bogus=1"], "moe.bogus"),
     (["train.max_steps=ten"], "train.max_steps"),
     (["moe.normalize_topk=3"], "moe.normalize_topk"),
+    (["train.recompute=some"], "train.recompute"),
+    (["parallel.dp_shard_size=0"], "parallel.dp_shard_size"),
+    (["parallel.dp_shard_size=2", "train.deepspeed_config=ds.json"], "parallel.dp_shard_size"),
 ])
 def test_bad_values_name_the_field(override, needle):
     with pytest.raises(ConfigError) as info:
@@ -34,6 +37,17 @@ def test_ep_must_divide_experts():
 def test_world_size_rules():
     with pytest.raises(ConfigError, match="global_batch_size"):
         config_from_dict({"train": {"global_batch_size": 6, "micro_batch_size": 2}}, world_size=2)
+
+
+def test_dp_shard_size_divides_the_data_parallel_size():
+    base = {"train": {"global_batch_size": 48, "micro_batch_size": 1},
+            "parallel": {"tensor_parallel_size": 2, "dp_shard_size": 4}}
+    with pytest.raises(ConfigError, match=r"parallel.dp_shard_size \(4\) must divide the "
+                                          r"data-parallel size \(6"):
+        config_from_dict(base, world_size=12)
+    assert config_from_dict(base, world_size=16).parallel.dp_shard_size == 4
+    for recompute in ("none", "full", "selective"):
+        assert load_config(None, [f"train.recompute={recompute}"]).train.recompute == recompute
 
 
 def test_overrides_parse_yaml_scalars_and_nested_sections():

@@ -97,7 +97,7 @@ class Attention(nn.Module):
             return None
         return alibi_bias(self.alibi_slopes().to(device), seq_len, device)
 
-    def _qkv(self, x_BSD: torch.Tensor, positions: Optional[torch.Tensor]):
+    def _qkv(self, x_BSD: torch.Tensor, positions: Optional[torch.Tensor], cache=None):
         B, S, _ = x_BSD.shape
         H, G, d = self.num_heads, self.num_kv_heads, self.head_dim
         q = _project(self.wq, x_BSD).view(B, S, H, d)
@@ -105,8 +105,11 @@ class Attention(nn.Module):
         v = _project(self.wv, x_BSD).view(B, S, G, d)
         if self.rotary is not None:
             if positions is None:
-                positions = torch.arange(S, device=x_BSD.device)
+                start = cache.length if cache is not None else 0
+                positions = torch.arange(start, start + S, device=x_BSD.device)
             q, k = self.rotary(q, k, positions)
+        if cache is not None:  # a LayerKVCache: attend to every key so far
+            k, v = cache.update(k, v)
         # GQA: each kv head serves H/G consecutive query heads.
         k = k.repeat_interleave(H // G, dim=2)
         v = v.repeat_interleave(H // G, dim=2)
@@ -116,13 +119,19 @@ class Attention(nn.Module):
         B, H, S, d = y_BHSd.shape
         return _project(self.wo, y_BHSd.transpose(1, 2).reshape(B, S, H * d))
 
-    def forward(self, x_BSD: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                cache=None) -> torch.Tensor:
         """``x [B, S, D] -> [B, S, D]``; ``positions`` ``[S]`` or ``[B, S]``
-        (default ``arange(S)``) only matter for RoPE."""
-        q, k, v = self._qkv(x_BSD, positions)
-        bias = self.attn_bias(x_BSD.shape[1], x_BSD.device)
+        (default ``arange(S)``, after the cached ones) only matter for RoPE.
+        ``cache``: a :class:`~moe_train.model.kv_cache.LayerKVCache` for
+        incremental decoding; the S tokens follow the cached ones."""
+        q, k, v = self._qkv(x_BSD, positions, cache)
+        if cache is None:
+            bias, causal = self.attn_bias(x_BSD.shape[1], x_BSD.device), True
+        else:
+            bias, causal = cache.attn_bias(self, x_BSD.shape[1], x_BSD.device), False
         if bias is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         else:
             # SDPA wants a float mask in the query dtype; -inf stays -inf.
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))

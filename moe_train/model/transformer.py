@@ -78,10 +78,11 @@ class Block(nn.Module):
         nn.init.normal_(self.attn.wv.weight, std=init_std)
         nn.init.normal_(self.attn.wo.weight, std=output_std)
 
-    def forward(self, x_BSD: torch.Tensor, positions: Optional[torch.Tensor] = None
-                ) -> Tuple[torch.Tensor, Optional[MoEOutput]]:
-        """Returns the new residual stream and the MoEOutput (None for a dense block)."""
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions)
+    def forward(self, x_BSD: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                cache=None) -> Tuple[torch.Tensor, Optional[MoEOutput]]:
+        """Returns the new residual stream and the MoEOutput (None for a dense
+        block). ``cache``: this block's LayerKVCache, when decoding."""
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions, cache)
         h_BSD = self.ffn_norm(x_BSD)
         if self.is_moe:
             moe_out = self.ffn(h_BSD)
@@ -119,19 +120,22 @@ class Transformer(nn.Module):
         """The blocks whose ffn is an MoELayer, in layer order."""
         return [b for b in self.blocks if b.is_moe]
 
-    def forward(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None
-                ) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                cache=None) -> ModelOutput:
         """``input_ids [B,S]`` (``positions`` ``[S]`` or ``[B,S]``, default
-        ``arange(S)``, used by RoPE) -> :class:`ModelOutput`."""
+        ``arange(S)``, used by RoPE) -> :class:`ModelOutput`. With ``cache``
+        (a :class:`~moe_train.model.kv_cache.KVCache`) the S tokens follow the
+        cached ones (default positions ``cache.length + arange(S)``)."""
         B, S = input_ids.shape
         if positions is None:
-            positions = torch.arange(S, device=input_ids.device)
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + S, device=input_ids.device)
         x_BSD = self.embed(input_ids)
         aux_loss = torch.zeros((), dtype=torch.float32, device=input_ids.device)
         losses: Dict[str, torch.Tensor] = {}
         moe_stats: List[Dict[str, torch.Tensor]] = []
-        for block in self.blocks:
-            x_BSD, moe_out = block(x_BSD, positions)
+        for i, block in enumerate(self.blocks):
+            x_BSD, moe_out = block(x_BSD, positions, None if cache is None else cache.layers[i])
             if moe_out is not None:
                 aux_loss = aux_loss + moe_out.aux_loss
                 for name, value in moe_out.losses.items():

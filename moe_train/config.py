@@ -74,6 +74,12 @@ class ModelConfig:
     """Key/value heads for grouped-query attention; null means num_heads."""
     ffn_hidden_size: Optional[int] = None
     """Dense MLP hidden size F; null means 4*hidden (gelu) or 8/3*hidden rounded to 8 (swiglu)."""
+    kv_channels: Optional[int] = None
+    """Head dimension d (Megatron's kv_channels, transformers' head_dim); null means
+    hidden_size / num_heads. Qwen3 sets it apart from the width (128 at hidden 2048, 32 heads)."""
+    qk_norm: Optional[str] = None
+    """RMSNorm of queries and keys before RoPE: null (none) | head (one weight of size d
+    shared by the heads: Qwen3) | projection (over the whole q and k projections: OLMoE)."""
     norm: str = "rmsnorm"
     """rmsnorm | layernorm."""
     norm_eps: float = 1e-5
@@ -97,7 +103,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.kv_channels or self.hidden_size // self.num_heads
 
     @property
     def ffn_size(self) -> int:
@@ -138,8 +144,16 @@ class MoEConfig:
     the batch) | batch (the paper's: all tokens of the batch; leaks the future)."""
     layer_freq: int = 1
     """Every layer_freq-th block is MoE (1: all blocks)."""
+    first_k_dense: int = 0
+    """The first k blocks are dense whatever layer_freq says (DeepSeekMoE's
+    first_k_dense_replace: 1)."""
     num_shared_experts: int = 0
     """Always-on experts added to every token (DeepSeek)."""
+    shared_expert_ffn_hidden_size: Optional[int] = None
+    """Hidden size of the shared-expert MLP as a whole; null means
+    num_shared_experts * the routed experts' ffn size (DeepSeekMoE: 2 x 1408)."""
+    shared_expert_gate: bool = False
+    """Scale the shared experts' output by sigmoid(x . w_gate), one scalar per token (Qwen2-MoE)."""
     noisy_gating: bool = False
     """Shazeer 2017 noisy top-k gating (training only)."""
     jitter_eps: float = 0.0
@@ -273,6 +287,7 @@ class Config:
 CHOICES = {
     "model.norm": ("rmsnorm", "layernorm"),
     "model.activation": ("swiglu", "gelu"),
+    "model.qk_norm": ("head", "projection", None),
     "model.position_embedding": ("rope", "alibi"),
     "model.rope.layout": ("half", "interleaved"),
     "model.rope.scaling.type": ("linear", "ntk", "dynamic", "yarn"),
@@ -326,8 +341,12 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                           "expert_parallel_size", "tensor_parallel_size", "dp_shard_size", "layer_freq",
                           "top_k", "eval_iters", "keep_last", "log_every")) and value is not None:
             _check(value >= 1, f"{path} ({value}) must be >= 1")
-    _check(m.hidden_size % m.num_heads == 0,
-           f"model.num_heads ({m.num_heads}) must divide model.hidden_size ({m.hidden_size})")
+    if m.kv_channels is None:
+        _check(m.hidden_size % m.num_heads == 0,
+               f"model.num_heads ({m.num_heads}) must divide model.hidden_size ({m.hidden_size}) "
+               "(or set model.kv_channels)")
+    else:
+        _check(m.kv_channels >= 1, f"model.kv_channels ({m.kv_channels}) must be >= 1")
     _check(m.kv_heads >= 1 and m.num_heads % m.kv_heads == 0,
            f"model.num_kv_heads ({m.num_kv_heads}) must divide model.num_heads ({m.num_heads})")
     _check(0.0 < m.rope.rotary_fraction <= 1.0,
@@ -353,6 +372,14 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                "moe.noisy_gating applies to moe.router token_choice only")
         _check(e.num_shared_experts >= 0,
                f"moe.num_shared_experts ({e.num_shared_experts}) must be >= 0")
+        _check(e.first_k_dense >= 0, f"moe.first_k_dense ({e.first_k_dense}) must be >= 0")
+        _check(e.shared_expert_ffn_hidden_size is None or e.shared_expert_ffn_hidden_size >= 1,
+               f"moe.shared_expert_ffn_hidden_size ({e.shared_expert_ffn_hidden_size}) must be "
+               ">= 1, or null")
+        _check(e.num_shared_experts > 0 or not (e.shared_expert_gate
+                                                or e.shared_expert_ffn_hidden_size),
+               "moe.shared_expert_gate and moe.shared_expert_ffn_hidden_size need "
+               "moe.num_shared_experts >= 1")
         _check(0.0 <= e.jitter_eps < 1.0, f"moe.jitter_eps ({e.jitter_eps}) must be in [0, 1)")
         _check(e.aux_loss_coef >= 0, f"moe.aux_loss_coef ({e.aux_loss_coef}) must be >= 0")
         _check(e.z_loss_coef >= 0, f"moe.z_loss_coef ({e.z_loss_coef}) must be >= 0")
@@ -385,6 +412,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
            "DeepSpeed shards with its own ZeRO stages (zero_optimization.stage)")
 
     tp = p.tensor_parallel_size
+    # A q/k norm weight sees only this rank's heads under TP, so its gradient
+    # would need a TP all-reduce that grad_sync does not do.
+    _check(m.qk_norm is None or tp == 1,
+           f"model.qk_norm ({m.qk_norm}) needs parallel.tensor_parallel_size 1 (got {tp}): "
+           "the q/k norm weights would need a tensor-parallel gradient reduction")
     _check(m.num_heads % tp == 0 and m.kv_heads % tp == 0,
            f"parallel.tensor_parallel_size ({tp}) must divide model.num_heads ({m.num_heads}) "
            f"and model.num_kv_heads ({m.kv_heads})")

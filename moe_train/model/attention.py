@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_train.config import ModelConfig
+from moe_train.config import ModelConfig, check_choice
+from moe_train.model.norm import RMSNorm
 from moe_train.model.positional import RotaryEmbedding, alibi_bias, alibi_slopes
 
 
@@ -65,6 +66,18 @@ class Attention(nn.Module):
         self.wv = nn.Linear(D, self.num_kv_heads * d, bias=False)
         self.wo = nn.Linear(self.num_heads * d, D, bias=False)
 
+        # QK-norm (Qwen3: per head, weight [d]; OLMoE: over the whole q and k
+        # projections, weights [H*d] and [G*d]), before RoPE in both.
+        check_choice("model.qk_norm", cfg.qk_norm)
+        self.qk_norm = cfg.qk_norm
+        self.q_norm: Optional[nn.Module] = None
+        self.k_norm: Optional[nn.Module] = None
+        if cfg.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(d, cfg.norm_eps), RMSNorm(d, cfg.norm_eps)
+        elif cfg.qk_norm == "projection":
+            self.q_norm = RMSNorm(self.num_heads * d, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.num_kv_heads * d, cfg.norm_eps)
+
         if cfg.position_embedding == "rope":
             r = cfg.rope
             self.rotary: Optional[RotaryEmbedding] = RotaryEmbedding(
@@ -100,8 +113,13 @@ class Attention(nn.Module):
     def _qkv(self, x_BSD: torch.Tensor, positions: Optional[torch.Tensor], cache=None):
         B, S, _ = x_BSD.shape
         H, G, d = self.num_heads, self.num_kv_heads, self.head_dim
-        q = _project(self.wq, x_BSD).view(B, S, H, d)
-        k = _project(self.wk, x_BSD).view(B, S, G, d)
+        q = _project(self.wq, x_BSD)
+        k = _project(self.wk, x_BSD)
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(B, S, H, d), k.view(B, S, G, d)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         v = _project(self.wv, x_BSD).view(B, S, G, d)
         if self.rotary is not None:
             if positions is None:

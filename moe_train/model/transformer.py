@@ -41,9 +41,11 @@ class ModelOutput:
 
 
 def is_moe_block(layer_index: int, moe_cfg: MoEConfig) -> bool:
-    """Block ``layer_index`` (0-based) is MoE when ``(i + 1) % layer_freq == 0``:
-    layer_freq=1 makes every block MoE, layer_freq=2 blocks 1, 3, 5, ..."""
-    return moe_cfg.enabled and (layer_index + 1) % moe_cfg.layer_freq == 0
+    """Block ``layer_index`` (0-based) is MoE when ``(i + 1) % layer_freq == 0``
+    and ``i >= first_k_dense``: layer_freq=1 makes every block MoE, layer_freq=2
+    blocks 1, 3, 5, ...; first_k_dense=1 keeps block 0 dense (DeepSeekMoE)."""
+    return (moe_cfg.enabled and layer_index >= moe_cfg.first_k_dense
+            and (layer_index + 1) % moe_cfg.layer_freq == 0)
 
 
 class Block(nn.Module):

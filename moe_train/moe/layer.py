@@ -38,8 +38,10 @@ class MoELayer(nn.Module):
 
     ``hidden_size``, ``ffn_hidden_size`` and ``activation`` fill the fields of
     ``cfg`` that are None (the model passes its own); values set in ``cfg``
-    win. Submodules: ``router``, ``experts`` and ``shared_experts`` (one MLP of
-    width num_shared_experts*F applied to every token, or None).
+    win. Submodules: ``router``, ``experts`` and ``shared_experts`` (one MLP
+    applied to every token, of width ``shared_expert_ffn_hidden_size`` or else
+    num_shared_experts*F; or None) with, when ``shared_expert_gate``,
+    ``shared_gate`` (Qwen2-MoE: the shared output times sigmoid(x . w), w [1,D]).
     ``dispatcher`` is a plain attribute holding no parameters; expert
     parallelism replaces it together with ``experts``.
     """
@@ -65,10 +67,14 @@ class MoELayer(nn.Module):
         self.router = build_router(cfg)
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.ffn_hidden_size,
                                cfg.activation, init_std, output_std)
+        shared_width = cfg.shared_expert_ffn_hidden_size or cfg.num_shared_experts * cfg.ffn_hidden_size
         self.shared_experts = (
-            MLP(cfg.hidden_size, cfg.num_shared_experts * cfg.ffn_hidden_size, cfg.activation,
-                init_std, output_std)
+            MLP(cfg.hidden_size, shared_width, cfg.activation, init_std, output_std)
             if cfg.num_shared_experts > 0 else None)
+        self.shared_gate: Optional[nn.Linear] = None
+        if self.shared_experts is not None and cfg.shared_expert_gate:
+            self.shared_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+            nn.init.normal_(self.shared_gate.weight, std=init_std)
         self.dispatcher = LocalDispatcher()
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
@@ -85,7 +91,10 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             # y_TD is in the gates' dtype (fp32 under autocast); add before the
             # single cast so the routed sum is not rounded twice.
-            y_TD = y_TD + self.shared_experts(x_TD)
+            shared_TD = self.shared_experts(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
         output = y_TD.to(x.dtype).view(B, S, D)
 
         losses = dict(decision.losses)

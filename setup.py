@@ -14,6 +14,7 @@ setup(
         "tqdm",
         "tensorboard",
         "safetensors",
+        "tokenizers",
         "megatron-core",
         "deepspeed",
         "ray[default,train]",

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moe_train.config import Config, ConfigError, moe_for_model
+from moe_train.train.export_files import write_export_files
 
 FORMATS = ("hf",)
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
@@ -357,14 +358,6 @@ def _write_safetensors(tensors: Dict[str, torch.Tensor], directory: str,
     return names + [INDEX_FILE]
 
 
-def _tokenizer_file(cfg: Config) -> Optional[str]:
-    tok = cfg.data.tokenizer
-    if tok == "byte":
-        return None
-    path = os.path.join(tok, "tokenizer.json") if os.path.isdir(tok) else tok
-    return path if os.path.isfile(path) else None
-
-
 def check_output(output_dir: str, overwrite: bool = False) -> str:
     """The absolute output path; :class:`ExportError` if it exists (and
     ``overwrite`` is off) or is not a directory."""
@@ -383,8 +376,8 @@ def export_hf(model: nn.Module, cfg: Config, output_dir: str, *, overwrite: bool
 
     Writes ``config.json`` (:func:`mixtral_config`), the weights as
     safetensors in the model's dtype (:func:`hf_state_dict`; sharded with an
-    index beyond ``max_shard_bytes``) and, when ``data.tokenizer`` is a local
-    Hugging Face ``tokenizer.json``, a copy of it. Everything is written to a
+    index beyond ``max_shard_bytes``), the tokenizer and
+    ``generation_config.json`` (:mod:`moe_train.train.export_files`). Everything is written to a
     temporary sibling directory first and renamed into place, so a failed
     export never leaves a half-written model where a loader would find it.
     An existing ``output_dir`` is an error unless ``overwrite``.
@@ -407,9 +400,7 @@ def export_hf(model: nn.Module, cfg: Config, output_dir: str, *, overwrite: bool
             json.dump(config, fh, indent=2)
             fh.write("\n")
         _write_safetensors(tensors, tmp, max_shard_bytes)
-        tokenizer = _tokenizer_file(cfg)
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.json"))
+        write_export_files(cfg, tmp)  # tokenizer, generation_config.json, 0644/0755
         if os.path.exists(output_dir):
             # Swap in two renames; the old export is deleted only after the new one is in place.
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.old-", dir=parent)

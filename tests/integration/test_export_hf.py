@@ -93,7 +93,8 @@ def test_transformers_mixtral_gives_our_logits(variant, tmp_path):
     cfg = tiny_cfg(VARIANTS[variant])
     model = randomized_model(cfg)
     out = export_hf(model, cfg, str(tmp_path / "hf"))
-    assert sorted(os.listdir(out)) == ["config.json", SINGLE_FILE]
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", SINGLE_FILE,
+                                       "tokenizer.json", "tokenizer_config.json"]
     hf = load_hf(out)
     c = hf.config
     assert (c.num_local_experts, c.num_experts_per_tok, c.num_key_value_heads) == (4, cfg.moe.top_k, 2)

@@ -1,0 +1,119 @@
+"""The files of an exported model directory besides its weights and
+config.json: the tokenizer, ``generation_config.json`` and ordinary file
+permissions, so that ``AutoTokenizer.from_pretrained(DIR)`` and
+``pipeline("text-generation", model=DIR)`` work on the export as on any
+published model.
+
+- Byte tokenizer (``data.tokenizer: byte``): a ``tokenizer.json`` built with
+  the ``tokenizers`` library, 256 tokens with id = byte value. It is GPT-2's
+  byte-level scheme with no merges: the ByteLevel pre-tokenizer maps each
+  UTF-8 byte to one printable character, the BPE vocabulary maps that
+  character back to the byte's value, and the ByteLevel decoder undoes the
+  mapping. So the ids equal :class:`moe_train.data.tokenizer.ByteTokenizer`'s
+  for every text.
+- A Hugging Face ``tokenizer.json`` (``data.tokenizer: PATH``) is copied.
+- Either way ``tokenizer_config.json`` names the generic
+  ``PreTrainedTokenizerFast``: otherwise AutoTokenizer would pick the class
+  of the architecture (LlamaTokenizerFast for Mixtral), whose defaults
+  (a BOS token, legacy spacing) do not match the training encoding.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Dict, Optional
+
+from moe_train.config import Config
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+def _bytes_to_unicode() -> Dict[int, str]:
+    """GPT-2's reversible map of the 256 byte values to printable characters
+    (the ``tokenizers`` ByteLevel pre-tokenizer applies the same map)."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    out, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+def byte_tokenizer_json() -> str:
+    """The ``tokenizer.json`` text of the byte tokenizer: 256 tokens, id = byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {char: b for b, char in _bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    # No regex split and no prefix space: the whole text becomes its bytes, nothing added.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok.to_str(pretty=True)
+
+
+def _tokenizer_source(cfg: Config) -> Optional[str]:
+    tok = cfg.data.tokenizer
+    path = os.path.join(tok, TOKENIZER_FILE) if os.path.isdir(tok) else tok
+    return path if os.path.isfile(path) else None
+
+
+def generation_config(cfg: Config) -> dict:
+    """``generation_config.json``: transformers' defaults, with the length
+    limit of the model (positions beyond ``model.max_seq_len`` were never
+    trained). The byte tokenizer has no special tokens, so there is no eos."""
+    return {"max_length": cfg.model.max_seq_len, "do_sample": False,
+            "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+
+
+def write_tokenizer(cfg: Config, directory: str) -> bool:
+    """Write the tokenizer files of ``cfg.data.tokenizer`` into ``directory``;
+    False when there is no local tokenizer file to export."""
+    if cfg.data.tokenizer == "byte":
+        with open(os.path.join(directory, TOKENIZER_FILE), "w") as fh:
+            fh.write(byte_tokenizer_json())
+    else:
+        source = _tokenizer_source(cfg)
+        if source is None:
+            return False
+        shutil.copyfile(source, os.path.join(directory, TOKENIZER_FILE))
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast",
+                        "model_max_length": cfg.model.max_seq_len,
+                        "clean_up_tokenization_spaces": False}
+    with open(os.path.join(directory, TOKENIZER_CONFIG_FILE), "w") as fh:
+        json.dump(tokenizer_config, fh, indent=2)
+        fh.write("\n")
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def set_permissions(directory: str) -> None:
+    """Give ``directory`` and everything in it the modes a plain ``mkdir`` and
+    ``open`` would (0755 and 0644 under the usual umask 022): the temporary
+    directory the export is written in starts private (0700)."""
+    mask = _umask()
+    os.chmod(directory, 0o777 & ~mask)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
+def write_export_files(cfg: Config, directory: str) -> None:
+    """Tokenizer files, ``generation_config.json`` and permissions of an
+    export being written in ``directory`` (call last, after the weights)."""
+    write_tokenizer(cfg, directory)
+    with open(os.path.join(directory, GENERATION_CONFIG_FILE), "w") as fh:
+        json.dump(generation_config(cfg), fh, indent=2)
+        fh.write("\n")
+    set_permissions(directory)

@@ -1,7 +1,7 @@
 """KV-cached decoding equals one full forward: a prompt prefilled, then
 chunks and single tokens, give the logits the full causal forward gives at
 the same positions (RoPE in both layouts, partial rotary, ALiBi with a head
-count that is not a power of two, GQA, token- and expert-choice MoE)."""
+count that is not a power of two, GQA, QK-norm, token- and expert-choice MoE)."""
 import pytest
 import torch
 
@@ -40,6 +40,9 @@ VARIANTS = {
                       "model.num_kv_heads=3"],
     "mha_dense_every_other": ["model.num_kv_heads=4", "moe.layer_freq=2"],
     "expert_choice": ["moe.router=expert_choice"],
+    "qk_norm_head_kv_channels_first_dense": ["model.qk_norm=head", "model.kv_channels=16",
+                                             "moe.first_k_dense=1"],
+    "qk_norm_projection_shared_expert": ["model.qk_norm=projection", "moe.num_shared_experts=1"],
 }
 
 

@@ -69,7 +69,8 @@ class Block(nn.Module):
             self.ffn: nn.Module = MoELayer(moe_cfg, hidden_size=moe_cfg.hidden_size,
                                            ffn_hidden_size=moe_cfg.ffn_hidden_size,
                                            activation=moe_cfg.activation,
-                                           init_std=init_std, output_std=output_std)
+                                           init_std=init_std, output_std=output_std,
+                                           layer_index=layer_index)
         else:
             self.ffn = MLP(model_cfg.hidden_size, model_cfg.ffn_size, model_cfg.activation,
                            init_std=init_std, output_std=output_std)

@@ -12,11 +12,14 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from moe_train.config import MoEConfig, check_choice
+from moe_train.config import ModelConfig, MoEConfig, check_choice
 from moe_train.model.mlp import MLP
 from moe_train.moe.dispatcher import LocalDispatcher
 from moe_train.moe.experts import Experts
 from moe_train.moe.router import build_router
+
+
+DEFAULT_ACTIVATION = ModelConfig.activation
 
 
 @dataclass
@@ -38,25 +41,32 @@ class MoELayer(nn.Module):
 
     ``hidden_size``, ``ffn_hidden_size`` and ``activation`` fill the fields of
     ``cfg`` that are None (the model passes its own); values set in ``cfg``
-    win. Submodules: ``router``, ``experts`` and ``shared_experts`` (one MLP
-    applied to every token, of width ``shared_expert_ffn_hidden_size`` or else
-    num_shared_experts*F; or None) with, when ``shared_expert_gate``,
-    ``shared_gate`` (Qwen2-MoE: the shared output times sigmoid(x . w), w [1,D]).
+    win; with neither, the activation is swiglu, as in the model.
+    ``layer_index`` (the block's) seeds this layer's routing noise
+    (moe/routing_noise.py). Submodules: ``router``, ``experts`` and
+    ``shared_experts`` (one MLP applied to every token, of width
+    ``shared_expert_ffn_hidden_size`` or else num_shared_experts*F; or None)
+    with, when ``shared_expert_gate``, ``shared_gate`` (Qwen2-MoE: the shared
+    output times sigmoid(x . w), w [1,D]).
     ``dispatcher`` is a plain attribute holding no parameters; expert
     parallelism replaces it together with ``experts``.
     """
 
     def __init__(self, cfg: MoEConfig, hidden_size: Optional[int] = None,
                  ffn_hidden_size: Optional[int] = None, activation: Optional[str] = None,
-                 init_std: float = 0.02, output_std: Optional[float] = None):
+                 init_std: float = 0.02, output_std: Optional[float] = None,
+                 layer_index: int = 0):
         super().__init__()
         cfg = dataclasses.replace(
             cfg,
             hidden_size=cfg.hidden_size if cfg.hidden_size is not None else hidden_size,
             ffn_hidden_size=cfg.ffn_hidden_size if cfg.ffn_hidden_size is not None else ffn_hidden_size,
-            activation=cfg.activation if cfg.activation is not None else activation,
+            # swiglu, the model's own default (ModelConfig.activation), so a
+            # layer built alone matches one built by the model.
+            activation=next(a for a in (cfg.activation, activation, DEFAULT_ACTIVATION)
+                            if a is not None),
         )
-        for name in ("hidden_size", "ffn_hidden_size", "activation"):
+        for name in ("hidden_size", "ffn_hidden_size"):
             if getattr(cfg, name) is None:
                 raise ValueError(f"moe.{name} is not set: put it in the config or pass "
                                  f"{name}= to MoELayer (the model passes its own)")
@@ -65,6 +75,7 @@ class MoELayer(nn.Module):
         check_choice("moe.expert_impl", cfg.expert_impl)
         self.cfg = cfg
         self.router = build_router(cfg)
+        self.router.layer_index = layer_index
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.ffn_hidden_size,
                                cfg.activation, init_std, output_std)
         shared_width = cfg.shared_expert_ffn_hidden_size or cfg.num_shared_experts * cfg.ffn_hidden_size

@@ -10,7 +10,7 @@ precision": bf16 routers diverged, Switch Table 2).
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,7 @@ from moe_train.config import MoEConfig, check_choice
 from moe_train.moe import losses as L
 from moe_train.moe.capacity import capacity_keep_mask, expert_choice_k, token_capacity
 from moe_train.moe.routing import RoutingDecision
+from moe_train.moe.routing_noise import noise_generator
 
 ROUTER_INIT_STD = 0.02
 
@@ -30,20 +31,20 @@ def _fp32_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
         return x_TD.float() @ weight_ED.float().t()
 
 
-def _jitter(x_TD: torch.Tensor, eps: float) -> torch.Tensor:
+def _jitter(x_TD: torch.Tensor, eps: float, gen: Optional[torch.Generator]) -> torch.Tensor:
     """Switch input jitter: x * U(1-eps, 1+eps), elementwise."""
-    noise = torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+    noise = torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps, generator=gen)
     return x_TD * noise
 
 
 def _router_input(x_TD: torch.Tensor, batch: int, seq: int, training: bool,
-                  jitter_eps: float) -> torch.Tensor:
+                  jitter_eps: float, gen: Optional[torch.Generator]) -> torch.Tensor:
     """The fp32 router input, jittered in training (call with autocast off)."""
     if x_TD.shape[0] != batch * seq:
         raise ValueError(f"router got {x_TD.shape[0]} tokens, expected batch*seq = {batch}*{seq}")
     x_TD = x_TD.float()
     if training and jitter_eps > 0:
-        x_TD = _jitter(x_TD, jitter_eps)
+        x_TD = _jitter(x_TD, jitter_eps, gen)
     return x_TD
 
 
@@ -82,6 +83,9 @@ class TokenChoiceRouter(nn.Module):
         self.aux_loss_coef = cfg.aux_loss_coef
         self.z_loss_coef = cfg.z_loss_coef
         self.expert_bias_update_rate = cfg.expert_bias_update_rate
+        # Which layer this router is: part of its routing-noise seed
+        # (moe/routing_noise.py). The model sets it; alone it is layer 0.
+        self.layer_index = 0
         check_choice("moe.score_order", self.score_order)
         check_choice("moe.aux_loss", self.aux_loss)
         if self.expert_bias_update_rate < 0:
@@ -163,14 +167,18 @@ class TokenChoiceRouter(nn.Module):
     def forward(self, x_TD: torch.Tensor, batch: int, seq: int) -> RoutingDecision:
         """Route the T = batch*seq rows of ``x_TD`` (row t = b*seq + s)."""
         T = x_TD.shape[0]
+        draws = self.training and (self.jitter_eps > 0 or self.noisy_gating)
+        gen = noise_generator(self.layer_index, x_TD.device) if draws else None
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            x_TD = _router_input(x_TD, batch, seq, self.training, self.jitter_eps)
+            x_TD = _router_input(x_TD, batch, seq, self.training, self.jitter_eps, gen)
             logits_TE = _fp32_logits(x_TD, self.weight)
             scores_TE, noise_std_TE = logits_TE, None
             if self.noisy_gating:
                 noise_std_TE = F.softplus(_fp32_logits(x_TD, self.noise_weight))
                 if self.training:
-                    scores_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
+                    normal_TE = torch.randn(logits_TE.shape, generator=gen,
+                                            device=logits_TE.device, dtype=logits_TE.dtype)
+                    scores_TE = logits_TE + normal_TE * noise_std_TE
             ids_TK, gates_TK = self.select(scores_TE)
             if self.expert_bias is None:
                 loss_ids_TK, loss_gates_TK = ids_TK, gates_TK
@@ -256,6 +264,7 @@ class ExpertChoiceRouter(nn.Module):
         self.group = cfg.expert_choice_group
         self.jitter_eps = cfg.jitter_eps
         self.z_loss_coef = cfg.z_loss_coef
+        self.layer_index = 0  # part of the routing-noise seed, as in TokenChoiceRouter
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
         self.reset_parameters()
 
@@ -266,8 +275,10 @@ class ExpertChoiceRouter(nn.Module):
     def forward(self, x_TD: torch.Tensor, batch: int, seq: int) -> RoutingDecision:
         """Route the T = batch*seq rows of ``x_TD`` (row t = b*seq + s)."""
         T, E = x_TD.shape[0], self.num_experts
+        draws = self.training and self.jitter_eps > 0
+        gen = noise_generator(self.layer_index, x_TD.device) if draws else None
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            x_TD = _router_input(x_TD, batch, seq, self.training, self.jitter_eps)
+            x_TD = _router_input(x_TD, batch, seq, self.training, self.jitter_eps, gen)
             logits_TE = _fp32_logits(x_TD, self.weight)
             probs_TE = logits_TE.softmax(-1)
             if self.group == "position":

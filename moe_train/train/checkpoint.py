@@ -164,9 +164,10 @@ def reseed(seed: int, step: int, rank: int) -> None:
     For a resume on a different number of ranks, where the saved per-rank
     RNG states do not map onto the new ranks: the continuation is then a
     deterministic function of the checkpoint and the new world size, though
-    not the stream the saving run would have drawn. Only random routing
-    (``moe.jitter_eps``, ``moe.noisy_gating``) draws from these generators;
-    the data order is a function of ``(seed, step)`` alone.
+    not the stream the saving run would have drawn. Nothing in training
+    draws from these generators today: random routing has its own keyed
+    generator (moe/routing_noise.py) and the data order is a function of
+    ``(seed, step)`` alone.
     """
     mixed = (seed * 1_000_003 + step) * 10_007 + rank
     mixed %= 2 ** 32

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from moe_train.config import Config, ConfigError, save_config
 from moe_train.moe.balancing import update_expert_biases
+from moe_train.moe.routing_noise import keyed_micro_batches
 from moe_train.parallel import clip_grad_norm, parallelize, sync_gradients
 from moe_train.parallel.collectives import (broadcast_object, process_group_exists, reduce_mean,
                                              reduce_sum)
@@ -246,7 +247,10 @@ class Trainer:
         dropped: List[torch.Tensor] = []
         engine = self.engine
         lr = self.scheduler.get_last_lr()[0]  # an engine steps the schedule inside the loop
-        for micro in self._batch(step):
+        t = self.cfg.train
+        # Each micro-batch routes under its own noise key (moe/routing_noise.py).
+        for micro in keyed_micro_batches(self._batch(step), t.seed, step,
+                                         self.topology.dp_rank, self.accum):
             micro = micro.to(device, non_blocking=True)
             inputs, targets = micro[:, :-1], micro[:, 1:]
             with _autocast(self.cfg, device):

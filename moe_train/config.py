@@ -132,7 +132,8 @@ class MoEConfig:
     top_k > 1; at top_k 1 Switch keeps the raw probability as the gate)."""
     capacity_factor: Optional[float] = None
     """Token choice: slots per expert = ceil(c*T*K/E), null means dropless.
-    Expert choice: c in k = T*c/E, null means the paper's c = 2."""
+    Expert choice: c, the experts per token (k = B*c/E per position group,
+    spread over positions), null means the paper's c = 2; at most num_experts."""
     min_capacity: int = 0
     """Token choice: lower bound on the slots per expert when capacity applies."""
     capacity_priority: str = "position"
@@ -368,6 +369,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _check(e.capacity_factor is None or e.capacity_factor > 0,
                f"moe.capacity_factor ({e.capacity_factor}) must be > 0, or null for dropless")
         _check(e.min_capacity >= 0, f"moe.min_capacity ({e.min_capacity}) must be >= 0")
+        _check(e.router != "expert_choice" or e.capacity_factor is None
+               or e.capacity_factor <= e.num_experts,
+               f"moe.capacity_factor ({e.capacity_factor}) must be <= moe.num_experts "
+               f"({e.num_experts}) with moe.router expert_choice: c is experts per token")
         _check(not (e.router == "expert_choice" and e.noisy_gating),
                "moe.noisy_gating applies to moe.router token_choice only")
         _check(e.num_shared_experts >= 0,

@@ -88,7 +88,7 @@ class Block(nn.Module):
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions, cache)
         h_BSD = self.ffn_norm(x_BSD)
         if self.is_moe:
-            moe_out = self.ffn(h_BSD)
+            moe_out = self.ffn(h_BSD, positions)
             return x_BSD + moe_out.output, moe_out
         return x_BSD + self.ffn(h_BSD), None
 

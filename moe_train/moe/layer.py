@@ -88,11 +88,14 @@ class MoELayer(nn.Module):
             nn.init.normal_(self.shared_gate.weight, std=init_std)
         self.dispatcher = LocalDispatcher()
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:
-        """Route every token of ``x [B,S,D]`` and return an :class:`MoEOutput`."""
+    def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> MoEOutput:
+        """Route every token of ``x [B,S,D]`` and return an :class:`MoEOutput`.
+        ``positions`` ([S] or [B,S], default arange(S)): the tokens' absolute
+        positions, which set expert choice's per-position schedule (a cached
+        decode step at position s routes as position s of a full forward)."""
         B, S, D = x.shape
         x_TD = x.reshape(B * S, D)
-        decision = self.router(x_TD, B, S)
+        decision = self.router(x_TD, B, S, positions)
         if self.cfg.expert_impl == "reference":
             y_TD = self.experts.reference_forward(x_TD, decision)
         else:

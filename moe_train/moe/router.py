@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from moe_train.config import MoEConfig, check_choice
 from moe_train.moe import losses as L
 from moe_train.moe.capacity import capacity_keep_mask, expert_choice_k, token_capacity
+from moe_train.moe.expert_choice_schedule import max_slots, slots_per_expert
 from moe_train.moe.routing import RoutingDecision
 from moe_train.moe.routing_noise import noise_generator
 
@@ -46,6 +47,20 @@ def _router_input(x_TD: torch.Tensor, batch: int, seq: int, training: bool,
     if training and jitter_eps > 0:
         x_TD = _jitter(x_TD, jitter_eps, gen)
     return x_TD
+
+
+def _group_positions(positions: Optional[torch.Tensor], seq: int,
+                     device: torch.device) -> torch.Tensor:
+    """[S] long absolute position of each position group. With [B,S]
+    positions the group of column s takes row 0's (a group is one column)."""
+    if positions is None:
+        return torch.arange(seq, device=device)
+    if positions.dim() == 2:
+        positions = positions[0]
+    if positions.shape != (seq,):
+        raise ValueError(f"router got positions of shape {tuple(positions.shape)}, "
+                         f"expected [{seq}] or [batch, {seq}]")
+    return positions.to(device=device, dtype=torch.long)
 
 
 class TokenChoiceRouter(nn.Module):
@@ -164,8 +179,11 @@ class TokenChoiceRouter(nn.Module):
             gates_TK = scores_TE.float().gather(-1, ids_TK).softmax(-1)
         return ids_TK, gates_TK
 
-    def forward(self, x_TD: torch.Tensor, batch: int, seq: int) -> RoutingDecision:
-        """Route the T = batch*seq rows of ``x_TD`` (row t = b*seq + s)."""
+    def forward(self, x_TD: torch.Tensor, batch: int, seq: int,
+                positions: Optional[torch.Tensor] = None) -> RoutingDecision:
+        """Route the T = batch*seq rows of ``x_TD`` (row t = b*seq + s).
+        ``positions`` is accepted for the routers' common signature; token
+        choice does not use it."""
         T = x_TD.shape[0]
         draws = self.training and (self.jitter_eps > 0 or self.noisy_gating)
         gen = noise_generator(self.layer_index, x_TD.device) if draws else None
@@ -240,7 +258,9 @@ class ExpertChoiceRouter(nn.Module):
     no renormalisation; a token gets 0..E experts; no balancing loss.
 
     ``expert_choice_group``: ``position`` (causal-safe: group s = the B tokens
-    at position s) or ``batch`` (the paper's: one group of all B*S tokens,
+    at position s; expert e picks the k[s, e] tokens of
+    :mod:`moe_train.moe.expert_choice_schedule`, c per token on average at any
+    B) or ``batch`` (the paper's: one group of all B*S tokens, k = ceil(T*c/E),
     which lets a sequence's later tokens evict its earlier ones).
     """
 
@@ -272,8 +292,11 @@ class ExpertChoiceRouter(nn.Module):
         """normal(0, 0.02)."""
         nn.init.normal_(self.weight, mean=0.0, std=ROUTER_INIT_STD)
 
-    def forward(self, x_TD: torch.Tensor, batch: int, seq: int) -> RoutingDecision:
-        """Route the T = batch*seq rows of ``x_TD`` (row t = b*seq + s)."""
+    def forward(self, x_TD: torch.Tensor, batch: int, seq: int,
+                positions: Optional[torch.Tensor] = None) -> RoutingDecision:
+        """Route the T = batch*seq rows of ``x_TD`` (row t = b*seq + s);
+        ``positions`` ([S] or [B,S], default arange(S)) are the absolute
+        positions that set the position group's schedule."""
         T, E = x_TD.shape[0], self.num_experts
         draws = self.training and self.jitter_eps > 0
         gen = noise_generator(self.layer_index, x_TD.device) if draws else None
@@ -282,18 +305,25 @@ class ExpertChoiceRouter(nn.Module):
             logits_TE = _fp32_logits(x_TD, self.weight)
             probs_TE = logits_TE.softmax(-1)
             if self.group == "position":
-                # Group s holds row b at member index b: t = b*seq + s.
+                # Group s holds row b at member index b: t = b*seq + s. Each
+                # expert takes the k[s, e] of the schedule (often 0), so a
+                # token costs c experts on average at every batch size.
                 scores_GET = probs_TE.view(batch, seq, E).permute(1, 2, 0)          # [S, E, B]
-                k = expert_choice_k(batch, E, self.capacity_factor)
-                gates_GEk, member_GEk = scores_GET.topk(k, dim=-1)
+                k_GE = slots_per_expert(_group_positions(positions, seq, x_TD.device),
+                                        batch, E, self.capacity_factor)
+                k_max = max_slots(batch, E, self.capacity_factor)
+                gates_GEk, member_GEk = scores_GET.topk(k_max, dim=-1)
                 group_G = torch.arange(seq, device=x_TD.device)
                 token_GEk = member_GEk * seq + group_G[:, None, None]
+                rank_k = torch.arange(k_max, device=x_TD.device)
+                keep_GEk = rank_k[None, None, :] < k_GE[:, :, None]
             else:
                 scores_GET = probs_TE.t().unsqueeze(0)                                 # [1, E, T]
                 k = expert_choice_k(T, E, self.capacity_factor)
                 gates_GEk, token_GEk = scores_GET.topk(k, dim=-1)
+                keep_GEk = torch.ones_like(token_GEk, dtype=torch.bool)
             expert_GEk = torch.arange(E, device=x_TD.device)[None, :, None].expand_as(token_GEk)
-            token_index = token_GEk.reshape(-1)
+            token_index = token_GEk[keep_GEk]
             chosen_T = torch.zeros(T, dtype=torch.bool, device=x_TD.device)
             chosen_T[token_index] = True
             losses: Dict[str, torch.Tensor] = {}
@@ -301,8 +331,8 @@ class ExpertChoiceRouter(nn.Module):
                 losses["z_loss"] = L.z_loss(logits_TE, self.z_loss_coef)
             return RoutingDecision(
                 token_index=token_index,
-                expert_index=expert_GEk.reshape(-1),
-                weight=gates_GEk.reshape(-1),
+                expert_index=expert_GEk[keep_GEk],
+                weight=gates_GEk[keep_GEk],
                 logits=logits_TE,
                 probs=probs_TE,
                 num_experts=E,

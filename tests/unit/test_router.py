@@ -2,6 +2,7 @@
 causal safety."""
 import math
 import warnings
+from fractions import Fraction
 
 import pytest
 import torch
@@ -156,42 +157,96 @@ def test_noisy_gating_zero_init_formula_and_eval_determinism():
 
 # ---------------------------------------------------------------- expert choice
 
-def _ec_loop(probs, batch, seq, group, c):
+def _ec_slots(p, batch, n_exp, c):
+    """Tokens each expert takes at absolute position p, by walking the
+    assignment slots: slot j of the sequence belongs to expert j mod E and
+    position p owns slots [floor(p*B*c), floor((p+1)*B*c)) (exact fractions)."""
+    rate = batch * Fraction(str(c))
+    k = [0] * n_exp
+    for j in range(math.floor(p * rate), math.floor((p + 1) * rate)):
+        k[j % n_exp] += 1
+    return [min(v, batch) for v in k]
+
+
+def _ec_loop(probs, batch, seq, group, c, offset=0):
     """Each expert takes its k highest-scoring tokens of each group, by sorting."""
     T, n_exp = probs.shape
     groups = ([[b * seq + s for b in range(batch)] for s in range(seq)] if group == "position"
               else [list(range(T))])
-    out = {}
-    for members in groups:
-        k = min(len(members), max(1, math.ceil(len(members) * c / n_exp)))
+    out, ks = {}, []
+    for s, members in enumerate(groups):
+        if group == "position":
+            k_e = _ec_slots(offset + s, batch, n_exp, c)
+        else:
+            k_e = [min(len(members), max(1, math.ceil(len(members) * c / n_exp)))] * n_exp
+        ks.append(k_e)
         for e in range(n_exp):
-            best = sorted(members, key=lambda t: -float(probs[t, e]))[:k]
+            best = sorted(members, key=lambda t: -float(probs[t, e]))[:k_e[e]]
             out.update({(t, e): float(probs[t, e]) for t in best})
-    return out, groups
+    return out, groups, ks
 
 
 @pytest.mark.parametrize("group", ["position", "batch"])
-@pytest.mark.parametrize("c", [None, 1.0, 0.5])
+@pytest.mark.parametrize("c", [None, 1.0, 0.5, 1.25])
 def test_expert_choice_top_k_per_expert_per_group(group, c):
     torch.manual_seed(6)
-    batch, seq = 5, 4
+    batch, seq, offset = 5, 4, 7
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         router = ExpertChoiceRouter(_cfg(router="expert_choice", expert_choice_group=group,
                                          capacity_factor=c))
     x = torch.randn(batch * seq, D)
-    d = router(x, batch, seq)
+    d = router(x, batch, seq, torch.arange(offset, offset + seq))
     probs = torch.softmax(x.double() @ router.weight.detach().double().t(), -1)
-    want, groups = _ec_loop(probs, batch, seq, group, 2.0 if c is None else c)
+    want, groups, ks = _ec_loop(probs, batch, seq, group, 2.0 if c is None else c, offset)
     got = _as_dict(d)
     _assert_same_routing(got, want)
     assert len(got) == d.token_index.numel()  # no duplicate (token, expert) pairs
-    for members in groups:
-        k = min(len(members), max(1, math.ceil(len(members) * (2.0 if c is None else c) / E)))
+    for members, k_e in zip(groups, ks):
         for e in range(E):
-            assert sum(1 for (t, ee) in got if ee == e and t in members) == k
+            assert sum(1 for (t, ee) in got if ee == e and t in members) == k_e[e]
     unchosen = sum(1 for t in range(batch * seq) if not any((t, e) in got for e in range(E)))
     assert d.dropped_fraction.item() == pytest.approx(unchosen / (batch * seq))
+
+
+@pytest.mark.parametrize("n_exp", [8, 64])
+@pytest.mark.parametrize("batch", [1, 2, 4, 8])
+@pytest.mark.parametrize("c", [1.0, 2.0])
+def test_expert_choice_costs_c_experts_per_token(n_exp, batch, c):
+    # Zhou et al.: E experts x k tokens = T*c assignments, i.e. c expert MLPs
+    # per token. Rounding k = B*c/E up to 1 at every position used to give
+    # E*k/B (64 experts per token at E=64, B=1). Over a sequence the mean must
+    # be c within 1/E, and every expert must get its share within one token.
+    seq = 32
+    torch.manual_seed(batch)
+    router = ExpertChoiceRouter(MoEConfig(num_experts=n_exp, hidden_size=D, router="expert_choice",
+                                          capacity_factor=c))
+    d = router(torch.randn(batch * seq, D), batch, seq)
+    per_token = d.token_index.numel() / (batch * seq)
+    assert abs(per_token - c) <= 1 / n_exp, per_token
+    load = torch.bincount(d.expert_index, minlength=n_exp).float()
+    assert (load - batch * seq * c / n_exp).abs().max() <= 1.0
+    # Every position stays causal-safe and never gives one expert a token twice.
+    pairs = set(zip(d.token_index.tolist(), d.expert_index.tolist()))
+    assert len(pairs) == d.token_index.numel()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_expert_choice_decode_step_routes_like_full_forward(batch):
+    # Generation runs one position at a time (B rows, S=1) at absolute
+    # position s; it must route exactly as position s of one full forward.
+    torch.manual_seed(10)
+    seq, n_exp = 12, 8
+    router = ExpertChoiceRouter(MoEConfig(num_experts=n_exp, hidden_size=D, router="expert_choice",
+                                          capacity_factor=1.0)).eval()
+    x = torch.randn(batch, seq, D)
+    full = _as_dict(router(x.reshape(-1, D), batch, seq))
+    for s in range(seq):
+        step = router(x[:, s].reshape(-1, D), batch, 1, torch.tensor([s]))
+        got = {(b * seq + s, e): w for (b, e), w in _as_dict(step).items()}
+        want = {(t, e): w for (t, e), w in full.items() if t % seq == s}
+        # Same (token, expert) pairs; gates equal up to the matmul's blocking.
+        _assert_same_routing(got, want, tol=1e-6)
 
 
 def test_expert_choice_gates_carry_gradient():
@@ -260,9 +315,12 @@ def test_causal_test_detects_gshard_priority_leak():
     assert any(_future_changes_past(router))
 
 
-def test_causal_safe_expert_choice_position_group():
+@pytest.mark.parametrize("n_exp,c", [(E, None), (8, 1.0), (8, 0.5)])
+def test_causal_safe_expert_choice_position_group(n_exp, c):
+    # (8, 1.0) and (8, 0.5): B*c/E < 1, experts take turns by position.
     torch.manual_seed(9)
-    router = build_router(_cfg(router="expert_choice", expert_choice_group="position")).eval()
+    router = build_router(_cfg(router="expert_choice", expert_choice_group="position",
+                               num_experts=n_exp, capacity_factor=c)).eval()
     assert not any(_future_changes_past(router))
 
 

@@ -20,6 +20,7 @@ commands:
   train         train a model (python -m moe_train.train; see moe-train train --help)
   prepare-data  tokenize text files into a dataset directory
   export        export a checkpoint to a Hugging Face model directory
+  plan          count parameters and per-rank memory of a config (meta device)
 
 run 'moe-train <command> --help' for the options of a command."""
 
@@ -122,7 +123,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         from moe_train.train.export import main as export_main
 
         return export_main(rest) or 0
-    return fail(f"unknown command {command!r}; choose one of: train, prepare-data, export")
+    if command == "plan":
+        from moe_train.plan import main as plan_main
+
+        return plan_main(rest)
+    return fail(f"unknown command {command!r}; choose one of: train, prepare-data, export, "
+                "plan, import")
 
 
 if __name__ == "__main__":

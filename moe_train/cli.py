@@ -1,4 +1,5 @@
-"""The ``moe-train`` command: ``train``, ``prepare-data`` and ``export``.
+"""The ``moe-train`` command: ``train``, ``prepare-data``, ``export``,
+``generate`` and ``eval``.
 
 ``moe-train train ...`` is the same as ``python -m moe_train.train ...`` and
 ``launch/train.py ...``. Bad input (a missing config file, an unknown key, an
@@ -21,6 +22,8 @@ commands:
   prepare-data  tokenize text files into a dataset directory
   export        export a checkpoint to a Hugging Face model directory
   plan          count parameters and per-rank memory of a config (meta device)
+  generate      continue a prompt with a trained model (KV cache)
+  eval          loss, perplexity and bits per byte of a checkpoint
 
 run 'moe-train <command> --help' for the options of a command."""
 
@@ -127,8 +130,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         from moe_train.plan import main as plan_main
 
         return plan_main(rest)
+    if command in ("generate", "eval"):
+        from moe_train.infer import evaluate, generate
+
+        return (generate if command == "generate" else evaluate).main(rest)
     return fail(f"unknown command {command!r}; choose one of: train, prepare-data, export, "
-                "plan, import")
+                "plan, import, generate, eval")
 
 
 if __name__ == "__main__":

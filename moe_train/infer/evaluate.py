@@ -1,0 +1,182 @@
+"""``moe-train eval``: loss, perplexity and bits per byte of a checkpoint.
+
+    moe-train eval --checkpoint RUN_OR_CKPT [--data DATASET_OR_TEXT_FILE] [--json]
+
+- No ``--data``: the run's own validation batches (``train.eval_iters``
+  batches of ``train.micro_batch_size`` x ``train.seq_len``, drawn exactly as
+  the trainer draws them), so the loss equals the run's last ``val/loss``
+  when the checkpoint is the run's last step (same device and precision).
+- ``--data`` a text file: tokenized with the run's tokenizer and cut into
+  consecutive windows of ``train.seq_len`` predictions; every token but the
+  first is predicted exactly once.
+- ``--data`` a dataset directory made by ``moe-train prepare-data``, or a
+  built-in corpus name: its validation split, in consecutive windows.
+
+loss is the mean cross-entropy in nats per predicted token, perplexity
+``exp(loss)``, bits per byte ``sum of losses / ln 2 / UTF-8 bytes of the
+predicted tokens`` (= loss / ln 2 for the byte tokenizer), which compares
+models with different tokenizers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, TextIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moe_train.config import ConfigError
+from moe_train.infer.common import Loaded, Parser, UsageError, add_common_arguments, load
+from moe_train.train import InputError
+
+
+@dataclass
+class EvalResult:
+    """What eval prints."""
+
+    loss: float
+    perplexity: float
+    bits_per_byte: float
+    tokens: int
+    bytes: int
+
+
+def windows(tokens: np.ndarray, seq_len: int, rows: int) -> List[torch.Tensor]:
+    """Batches ``[rows, seq_len + 1]`` of consecutive windows that overlap by
+    one token (a window's last target is the next one's first input), so
+    every token but the first is a target once; the last, shorter window is
+    a batch of its own."""
+    ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    starts = range(0, max(len(ids) - 1, 0), seq_len)
+    full = [ids[s:s + seq_len + 1] for s in starts if s + seq_len + 1 <= len(ids)]
+    tail = [ids[s:] for s in starts if s + seq_len + 1 > len(ids)]
+    batches = [torch.stack(full[i:i + rows]) for i in range(0, len(full), rows)]
+    return batches + [t[None] for t in tail]
+
+
+def _target_bytes(tokenizer, targets_BS: torch.Tensor) -> int:
+    if tokenizer.name == "byte":
+        return targets_BS.numel()
+    return sum(len(tokenizer.decode(row.tolist()).encode("utf-8")) for row in targets_BS)
+
+
+@torch.no_grad()
+def evaluate(run: Loaded, batches: Iterable[torch.Tensor], tokenizer) -> EvalResult:
+    """Cross-entropy of ``run.model`` over ``batches`` (``[b, s + 1]``:
+    inputs ``[:, :-1]``, targets ``[:, 1:]``), computed as the trainer's
+    evaluate does: logits under the run's autocast, CE in fp32, batch means
+    averaged with token weights (equal batches: the trainer's plain mean)."""
+    total_nats, tokens, nbytes = 0.0, 0, 0
+    for batch in batches:
+        batch = batch.to(run.device)
+        with run.autocast():
+            logits_BSV = run.model(batch[:, :-1]).logits
+        targets_BS = batch[:, 1:]
+        loss = F.cross_entropy(logits_BSV.float().reshape(-1, logits_BSV.shape[-1]),
+                               targets_BS.reshape(-1))
+        total_nats += loss.item() * targets_BS.numel()
+        tokens += targets_BS.numel()
+        nbytes += _target_bytes(tokenizer, targets_BS)
+    if tokens == 0:
+        raise InputError("no tokens to evaluate: the data holds fewer than 2 tokens")
+    loss = total_nats / tokens
+    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)),
+                      bits_per_byte=total_nats / math.log(2) / max(nbytes, 1),
+                      tokens=tokens, bytes=nbytes)
+
+
+def _data_error(field: str, exc: Exception) -> InputError:
+    return InputError(f"{field}: {' '.join(str(exc).split())}")
+
+
+def run_validation_batches(cfg) -> List[torch.Tensor]:
+    """The validation batches the trainer evaluates for ``cfg``."""
+    from moe_train.data import check_enough, load_splits, val_batches
+
+    t = cfg.train
+    try:
+        _, val_ds, _ = load_splits(cfg.data)
+        check_enough(val_ds, t.seq_len, "val")
+        return val_batches(val_ds, t.eval_iters, t.micro_batch_size, t.seq_len, t.seed)
+    except (ValueError, OSError) as exc:
+        raise _data_error(f"data.dataset ({cfg.data.dataset})", exc)
+
+
+def data_batches(data: str, cfg, tokenizer, max_tokens: Optional[int]) -> List[torch.Tensor]:
+    """Consecutive windows of a text file, or of the validation split of a
+    dataset directory or built-in corpus."""
+    from moe_train.data import CORPORA, load_splits
+
+    if os.path.isfile(data):
+        try:
+            with open(data, encoding="utf-8") as fh:
+                tokens = tokenizer.encode_array(fh.read())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _data_error(f"--data {data}", exc)
+    elif os.path.isdir(data) or data in CORPORA:
+        try:
+            _, val_ds, _ = load_splits(dataclasses.replace(cfg.data, dataset=data))
+        except (ValueError, OSError) as exc:
+            raise _data_error(f"--data {data}", exc)
+        tokens = val_ds.tokens
+    else:
+        raise UsageError(f"--data {data} does not exist (a text file, a dataset directory "
+                         f"made by `moe-train prepare-data`, or one of: {', '.join(CORPORA)})")
+    if max_tokens is not None:
+        tokens = tokens[:max_tokens]
+    return windows(tokens, cfg.train.seq_len, cfg.train.micro_batch_size)
+
+
+def _parser() -> Parser:
+    p = Parser(prog="moe-train eval",
+               description="Loss, perplexity and bits per byte of a checkpoint.")
+    add_common_arguments(p)
+    p.add_argument("--data", default=None, metavar="DATASET_OR_TEXT_FILE",
+                   help="a text file, a prepare-data directory or a built-in corpus (its "
+                        "validation split); default: the run's validation batches")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                   help="evaluate only the first N tokens of --data")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None, out: TextIO = None) -> int:
+    """``moe-train eval``; returns the exit status (2 after one ``error:``
+    line for bad input)."""
+    from moe_train.cli import fail
+    from moe_train.data.tokenizer import build_tokenizer
+    from moe_train.train.checkpoint import checkpoint_step, find_checkpoint, read_config
+
+    out = out or sys.stdout
+    try:
+        args = _parser().parse_args(argv)
+        if args.max_tokens is not None and args.max_tokens < 2:
+            raise UsageError(f"--max-tokens ({args.max_tokens}) must be >= 2")
+        # Data first: a bad path fails before the (slow) weights are read.
+        cfg = read_config(find_checkpoint(args.checkpoint))
+        tokenizer = build_tokenizer(cfg.data.tokenizer)
+        if args.data is None:
+            batches, source = run_validation_batches(cfg), f"{cfg.data.dataset} (run validation)"
+        else:
+            batches, source = data_batches(args.data, cfg, tokenizer, args.max_tokens), args.data
+        run = load(args.checkpoint, args.device, args.precision)
+        result = evaluate(run, batches, tokenizer)
+    except (InputError, ConfigError) as exc:
+        return fail(str(exc))
+    record = dict(dataclasses.asdict(result), data=source, checkpoint=run.ckpt_dir,
+                  step=checkpoint_step(run.ckpt_dir), precision=run.precision,
+                  device=str(run.device))
+    if args.json:
+        out.write(json.dumps(record) + "\n")
+    else:
+        out.write(f"loss {result.loss:.4f}  perplexity {result.perplexity:.3f}  "
+                  f"bits/byte {result.bits_per_byte:.4f}  ({result.tokens} tokens, "
+                  f"{result.bytes} bytes of {source}; {run.ckpt_dir}, {run.precision}, "
+                  f"{run.device})\n")
+    return 0

@@ -73,7 +73,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         cfg = resolve_config(args)
         if cfg.train.deepspeed_config:
-            from moe_train.launchers.deepspeed import resolve_deepspeed_config
+            from moe_train.train.deepspeed_config import resolve_deepspeed_config
 
             resolve_deepspeed_config(cfg, args.num_workers)
         # Workers run in other directories (and, with ray job submit, from a

@@ -1,8 +1,8 @@
 """Launcher glue. Every launcher runs the same ``moe_train.train.trainer.train(cfg)``:
 
-- torchrun needs none (``launch/train.py``);
-- :mod:`moe_train.launchers.deepspeed` puts the DeepSpeed engine (ZeRO 0/1/2,
-  bf16) around the model ``train`` built, when ``train.deepspeed_config`` is set;
+- torchrun and the deepspeed launcher need none (``launch/train.py``); the
+  DeepSpeed engine itself is one of the loop's engines
+  (:mod:`moe_train.train.engine_deepspeed`, when ``train.deepspeed_config`` is set);
 - :mod:`moe_train.launchers.ray` runs ``train`` on Ray Train workers and
   resumes a restarted worker group from the run directory
   (``launch/ray_train.py``).

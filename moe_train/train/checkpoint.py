@@ -26,7 +26,7 @@ next save. Ranks on several nodes must share the filesystem of the run dir.
 
 Model and optimizer state go through :func:`write_model_optimizer` and
 :func:`read_model_optimizer` only. DeepSpeed-engine checkpoints
-(:mod:`moe_train.launchers.deepspeed`) carry the same ``model/`` beside the
+(:mod:`moe_train.train.engine_deepspeed`) carry the same ``model/`` beside the
 engine's files, so ``load_model`` and export read them too.
 """
 from __future__ import annotations

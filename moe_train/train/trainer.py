@@ -18,9 +18,10 @@ group and expert gradients over the expert-data-parallel group, and
 ``clip_grad_norm`` clips by the global norm. Expert-parallel groups sit inside
 the data-parallel group, so EP ranks train on different rows; TP ranks share
 their dp_rank and so their rows. Checkpoints are sharded and EP/TP-independent
-(:mod:`moe_train.train.checkpoint`). With ``train.deepspeed_config`` the
-DeepSpeed engine (:mod:`moe_train.launchers.deepspeed`) does the sync, clip,
-update and checkpoints instead; the model and its math stay the same.
+(:mod:`moe_train.train.checkpoint`). The loop drives one engine interface
+(:mod:`moe_train.train.engine`: backward, step, clip, save, load): the native
+engine, or with ``train.deepspeed_config`` the DeepSpeed engine; the model
+and its math stay the same.
 
 Logging: only rank 0 writes (stdout, TensorBoard, metrics.jsonl). Losses,
 auxiliary losses and per-layer dropped fractions are averaged over the
@@ -49,22 +50,22 @@ import torch.nn.functional as F
 from moe_train.config import Config, ConfigError, save_config
 from moe_train.moe.balancing import update_expert_biases
 from moe_train.moe.routing_noise import keyed_micro_batches
-from moe_train.parallel import clip_grad_norm, parallelize, sync_gradients
+from moe_train.parallel import parallelize
 from moe_train.parallel.collectives import (broadcast_object, process_group_exists, reduce_mean,
                                              reduce_sum)
 from moe_train.parallel.topology import Topology, destroy_topology, env_world_size, init_topology
 from moe_train.train import InputError
 from moe_train.train import checkpoint as ckpt
+from moe_train.train.engine import build_engine, check_engine_config
 from moe_train.train.heatmap import load_heatmap
 from moe_train.train.metrics import METRICS_FILE, TB_DIR, MetricsLogger, Progress, moe_layer_metrics
-from moe_train.train.optim import build_optimizer, build_scheduler
 
 RUN_CONFIG = "config.yaml"
 
 
 # ----------------------------------------------------------------------------
 # Parallelism enters the loop through moe_train.parallel only: parallelize(),
-# sync_gradients(), clip_grad_norm(), the collectives of
+# the engine (train/engine.py), the collectives of
 # moe_train.parallel.collectives and the checkpoint I/O behind
 # train/checkpoint.py (docs/parallelism.md). This file never imports
 # torch.distributed.
@@ -183,23 +184,12 @@ class Trainer:
             self.model = parallelize(model, topology)
         except ValueError as exc:  # a layout the model cannot be split into; names the fields
             raise ConfigError(str(exc))
-        self.optimizer = build_optimizer(self.model, t)
-        self.scheduler = build_scheduler(self.optimizer, t)
+        # The one engine interface (train/engine.py): native, or DeepSpeed with
+        # train.deepspeed_config; same model and math.
+        self.engine = build_engine(self.model, cfg, topology, self.accum)
         self.start_step = 0
-        # train.deepspeed_config: the DeepSpeed engine reduces, clips, steps
-        # and checkpoints (moe_train.launchers.deepspeed); same model and math.
-        self.engine = None
-        if t.deepspeed_config:
-            from moe_train.launchers import deepspeed as ds
-
-            self.engine = ds.build_engine(self.model, self.optimizer.param_groups, cfg, topology)
-            self.optimizer, self.scheduler = self.engine.optimizer, self.engine.lr_scheduler
         if self.ckpt_dir is not None:
-            if self.engine is not None:
-                self.start_step = ds.load_checkpoint(self.engine, self.ckpt_dir, cfg, topology)
-            else:
-                self.start_step = ckpt.load_checkpoint(self.ckpt_dir, self.model, self.optimizer,
-                                                       self.scheduler, cfg, topology)
+            self.start_step = self.engine.load(self.ckpt_dir)
             if self.log:
                 print(f"resumed from {self.ckpt_dir} at step {self.start_step}", flush=True)
         self.val_data = _val_data(self.val_ds, t) if t.eval_every > 0 else []
@@ -246,7 +236,7 @@ class Trainer:
         selected: List[torch.Tensor] = []
         dropped: List[torch.Tensor] = []
         engine = self.engine
-        lr = self.scheduler.get_last_lr()[0]  # an engine steps the schedule inside the loop
+        lr = engine.lr
         t = self.cfg.train
         # Each micro-batch routes under its own noise key (moe/routing_noise.py).
         for micro in keyed_micro_batches(self._batch(step), t.seed, step,
@@ -254,17 +244,10 @@ class Trainer:
             micro = micro.to(device, non_blocking=True)
             inputs, targets = micro[:, :-1], micro[:, 1:]
             with _autocast(self.cfg, device):
-                out = (model if engine is None else engine)(inputs)
+                out = engine(inputs)
                 lm = _lm_loss(out.logits, targets)
                 loss = lm + out.aux_loss
-            if engine is None:
-                (loss / self.accum).backward()
-            else:
-                # DeepSpeed divides by the accumulation steps itself, reduces
-                # and updates at the last micro-batch, and returns the norm then.
-                from moe_train.launchers.deepspeed import backward_step
-
-                grad_norm = backward_step(engine, loss, self.topology)
+            engine.backward(loss)
             lm_sum += lm.detach()
             aux_sum += out.aux_loss.detach().float()
             for name, value in out.losses.items():
@@ -279,12 +262,7 @@ class Trainer:
                     if i == len(selected):
                         selected.append(torch.zeros_like(stats["selected_per_expert"]))
                     selected[i] += stats["selected_per_expert"]
-        if engine is None:
-            sync_gradients(model, self.topology)
-            grad_norm = clip_grad_norm(model, self.cfg.train.grad_clip, self.topology)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = engine.step()
         rate = self.cfg.moe.expert_bias_update_rate
         if rate > 0 and selected:
             # Aux-loss-free balancing steers by the load of the whole global
@@ -388,15 +366,8 @@ class Trainer:
                     logger.log(done, scalars, histograms)
                 progress.update(done, summary["train_loss"] or 0.0,
                                 summary["tokens_per_sec"] or 0.0, is_log)
-                if is_save and self.engine is not None:
-                    from moe_train.launchers.deepspeed import save_checkpoint
-
-                    summary["checkpoint"] = save_checkpoint(self.engine, self.run_dir, done,
-                                                            self.cfg, t.keep_last, topo)
-                elif is_save:
-                    summary["checkpoint"] = ckpt.save_checkpoint(
-                        self.run_dir, done, self.model, self.optimizer, self.scheduler,
-                        self.cfg, t.keep_last, topology=topo)
+                if is_save:
+                    summary["checkpoint"] = self.engine.save(self.run_dir, done, t.keep_last)
                 summary["steps"] = done
         finally:
             progress.close()
@@ -446,10 +417,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, Any]:
     """
     cfg.validate(env_world_size())
     _refuse_unbuilt(cfg)
-    if cfg.train.deepspeed_config:
-        from moe_train.launchers.deepspeed import resolve_deepspeed_config
-
-        resolve_deepspeed_config(cfg, env_world_size())
+    check_engine_config(cfg, env_world_size())
     owns_group = not process_group_exists()
     topology = init_topology(cfg.parallel)
     try:

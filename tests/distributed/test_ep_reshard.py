@@ -128,7 +128,7 @@ def load_elsewhere(rank, world, root, layout):
                                   [f"parallel.tensor_parallel_size={tp}"]),
                            resume=os.path.join(root, "straight", "checkpoints", "step_3"))
     out = {"start_step": trainer.start_step, "val_loss": trainer.evaluate(),
-           "state": local_state(trainer.model, trainer.optimizer, trainer.topology)}
+           "state": local_state(trainer.model, trainer.engine.optimizer, trainer.topology)}
     out["summary"] = trainer.fit()
     return out
 

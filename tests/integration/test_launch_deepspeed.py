@@ -20,7 +20,7 @@ from .launch_common import config_dir, LOSS_RTOL, REPO, TRAIN, free_port, read_m
 pytest.importorskip("deepspeed")
 
 from moe_train.config import ConfigError, config_from_dict  # noqa: E402
-from moe_train.launchers.deepspeed import resolve_deepspeed_config  # noqa: E402
+from moe_train.train.deepspeed_config import resolve_deepspeed_config  # noqa: E402
 
 ZERO2 = os.path.join(REPO, "configs", "deepspeed", "zero2.json")
 STEPS, SAVE_EVERY = 10, 5

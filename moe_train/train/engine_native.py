@@ -1,0 +1,59 @@
+"""The native engine: torch data parallelism around moe_train's model.
+
+Gradients are reduced by :func:`moe_train.parallel.sync_gradients` (dense over
+the data-parallel group, experts over the expert-data-parallel group) and
+clipped by the global norm (:func:`moe_train.parallel.clip_grad_norm`); AdamW
+and the warmup + cosine schedule step. Checkpoints are the layout-independent
+ones of :mod:`moe_train.train.checkpoint`.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+from torch import nn
+
+from moe_train.config import Config
+from moe_train.parallel import clip_grad_norm, sync_gradients
+from moe_train.train import checkpoint as ckpt
+from moe_train.train.engine import Engine
+from moe_train.train.optim import build_optimizer, build_scheduler
+
+
+class NativeEngine(Engine):
+    """Replicated data parallelism with the hand-written bucketed all-reduce
+    after the backward (docs/parallelism.md says why)."""
+
+    def __init__(self, model: nn.Module, cfg: Config, topology, accum: int):
+        self.model, self.cfg, self.topology, self.accum = model, cfg, topology, accum
+        self.optimizer = build_optimizer(model, cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum).backward()
+
+    def clip(self) -> torch.Tensor:
+        sync_gradients(self.model, self.topology)
+        return clip_grad_norm(self.model, self.cfg.train.grad_clip, self.topology)
+
+    def step(self) -> torch.Tensor:
+        norm = self.clip()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def state(self) -> Dict[str, Any]:
+        topo = self.topology
+        return {"scheduler": self.scheduler.state_dict(),
+                "layout": {"tensor_parallel_size": topo.tp_size,
+                           "expert_parallel_size": topo.ep_size,
+                           "data_parallel_size": topo.dp_size}}
+
+    def save(self, run_dir: str, step: int, keep_last: int) -> str:
+        return ckpt.save_checkpoint(run_dir, step, self.model, self.optimizer, self.scheduler,
+                                    self.cfg, keep_last, topology=self.topology)
+
+    def load(self, ckpt_dir: str) -> int:
+        return ckpt.load_checkpoint(ckpt_dir, self.model, self.optimizer, self.scheduler,
+                                    self.cfg, self.topology)

@@ -61,3 +61,23 @@ def test_ordinary_permissions(export_dir):
             "config.json", "model.safetensors"} <= set(names)
     for name in names:
         assert stat.S_IMODE(os.stat(os.path.join(export_dir, name)).st_mode) == 0o644, name
+
+
+def test_a_local_tokenizer_json_gives_the_training_ids_too(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from moe_train.data.tokenizer import HFTokenizer
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(TEXTS * 20, trainers.BpeTrainer(vocab_size=120,
+                                                            special_tokens=["[UNK]"]))
+    path = tmp_path / "tok" / "tokenizer.json"
+    path.parent.mkdir()
+    tok.save(str(path))
+    ours = HFTokenizer(str(path))
+    cfg = tiny_cfg([f"data.tokenizer={path}", f"model.vocab_size={ours.vocab_size}"])
+    out = export_hf(randomized_model(cfg), cfg, str(tmp_path / "hf"))
+    auto = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    for text in TEXTS[::3]:
+        assert auto(text)["input_ids"] == ours.encode(text), text

@@ -62,6 +62,10 @@ def test_eval_gives_the_runs_last_val_loss(trained_run):
     assert got["tokens"] == got["bytes"] == 2 * 2 * 32
     assert got["bits_per_byte"] == pytest.approx(got["loss"] / math.log(2), rel=1e-12)
     assert got["perplexity"] == pytest.approx(math.exp(got["loss"]), rel=1e-12)
+    # generate runs in the run's precision (bf16 autocast: a bf16 KV cache).
+    rc, text = run_main(generate, ["--checkpoint", trained_run, "--prompt", "To be",
+                                   "--max-new-tokens", "6", "--temperature", "0"])
+    assert rc == 0 and text.startswith("To be")
 
 
 def test_eval_on_a_text_file_predicts_every_token_once(trained_run, tmp_path):

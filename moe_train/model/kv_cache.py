@@ -57,12 +57,28 @@ class LayerKVCache:
         RoPE, or None when one query sees every key (RoPE, S = 1)."""
         L = self.length
         if attn.rotary is None:
-            # Row i of the full bias is position i: the new queries are the last S rows.
-            return alibi_bias(attn.alibi_slopes().to(device), L, device)[:, L - q_len:]
+            # Only the S rows of the new queries (positions L-S..L-1) of the
+            # [H, L, L] bias: building the whole square each step would cost
+            # O(L^2) per layer per token. fp32, as in the full forward.
+            distance_SL = (torch.arange(L - q_len, L, device=device, dtype=torch.float32)[:, None]
+                           - torch.arange(L, device=device, dtype=torch.float32)[None, :])
+            slopes_H = attn.alibi_slopes().to(device=device, dtype=torch.float32)
+            bias_HSL = -slopes_H[:, None, None] * distance_SL
+            return bias_HSL.masked_fill(distance_SL < 0, float("-inf"))
         if q_len == 1:
             return None
         future_SL = torch.ones(q_len, L, dtype=torch.bool, device=device).triu(L - q_len + 1)
         return torch.zeros(q_len, L, device=device).masked_fill(future_SL, float("-inf"))
+
+
+def attn_bias_reference(attn, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """Slow reference of :meth:`LayerKVCache.attn_bias`: the last ``q_len``
+    rows of the full forward's ``[H, L, L]`` bias (ALiBi) or causal mask (RoPE)."""
+    if attn.rotary is None:
+        return alibi_bias(attn.alibi_slopes().to(device), kv_len, device)[:, kv_len - q_len:]
+    future = torch.ones(kv_len, kv_len, dtype=torch.bool, device=device).triu(1)
+    full = torch.zeros(kv_len, kv_len, device=device).masked_fill(future, float("-inf"))
+    return full[kv_len - q_len:]
 
 
 class KVCache:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe_train.config import config_from_dict
-from moe_train.model.kv_cache import KVCache
+from moe_train.model.kv_cache import KVCache, LayerKVCache, attn_bias_reference
 from moe_train.model.transformer import build_model
 
 V, S = 64, 12
@@ -86,3 +86,17 @@ def test_cache_overflow_is_refused():
         model(torch.zeros(1, 16, dtype=torch.long), cache=cache)
         with pytest.raises(ValueError, match="max_seq_len"):
             model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+
+
+@pytest.mark.parametrize("name", ["rope_half", "alibi_6_heads"])
+def test_attn_bias_equals_the_rows_of_the_full_bias(name):
+    attn = model_for(VARIANTS[name]).blocks[0].attn
+    for q_len, kv_len in [(1, 1), (1, 9), (4, 9), (9, 9)]:
+        cache = LayerKVCache(16)
+        cache.length = kv_len
+        got = cache.attn_bias(attn, q_len, torch.device("cpu"))
+        ref = attn_bias_reference(attn, q_len, kv_len, torch.device("cpu"))
+        if got is None:  # one RoPE query sees every key: no mask at all
+            assert q_len == 1 and torch.isfinite(ref).all()
+        else:
+            assert torch.equal(got.expand_as(ref), ref), (q_len, kv_len)

@@ -20,6 +20,10 @@
    separately, through one autograd Function whose backward scatter-adds all
    chunks' gradients into a single [T,D] buffer.
 
+1 is now ``moe.expert_impl = loop`` (moe/expert_impls.py: one autograd
+Function over the stacked weights, one stacked gradient per weight), so its
+code is gone here: ``apply_prototype()`` only installs the packed [N,D]
+layout of 2, and the loop splits that tensor itself.
 3 and 4 are now moe_train's EP=1 path (``permute_chunks`` /
 ``unpermute_chunks`` in moe/permute.py, LocalDispatcher, Experts.forward on a
 list), so their prototype code is gone: ``apply_prototype(chunked=True)`` and
@@ -29,108 +33,10 @@ without 4 was not kept). The benchmarks that still ask for them keep running.
 """
 from __future__ import annotations
 
-from typing import List
-
 import torch
-import torch.nn.functional as F
 
 import common  # noqa: F401  (repo root on sys.path)
 from moe_train.moe.permute import make_permutation, permute, unpermute
-
-
-def _silu_grad(h1: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
-    # d/dh silu(h) = s * (1 + h * (1 - s)), s = sigmoid(h)
-    return sig * (1 + h1 * (1 - sig))
-
-
-class _FusedExpertsFn(torch.autograd.Function):
-    """y[rows of e] = MLP_e(x[rows of e]) for every local expert e, rows grouped
-    by expert (``counts``). ``weights`` = (w1_0, w3_0, w2_0, w1_1, ...) for
-    swiglu, (w1_0, w2_0, ...) for gelu, in nn.Linear's [out, in] layout."""
-
-    @staticmethod
-    def forward(ctx, x_ND, counts: List[int], swiglu: bool, *weights):
-        per = 3 if swiglu else 2
-        N, D = x_ND.shape
-        out_ND = x_ND.new_empty(N, D)
-        # Pre-activations are kept per expert: [n_e, F] blocks come and go
-        # through the heap, where one [N,F] block would be a fresh mmap (page
-        # faults on every step) with glibc's allocator.
-        saved = []
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = slice(start, start + n)
-            w = weights[per * e: per * e + per]
-            xs = x_ND[rows]
-            h1 = torch.mm(xs, w[0].t())
-            if swiglu:
-                h3 = torch.mm(xs, w[1].t())
-                h = F.silu(h1) * h3
-                saved += [h1, h3]
-            else:
-                h = F.gelu(h1)
-                saved.append(h1)
-            torch.mm(h, w[-1].t(), out=out_ND[rows])
-            start += n
-        ctx.counts, ctx.swiglu, ctx.num_weights = counts, swiglu, len(weights)
-        ctx.save_for_backward(x_ND, *weights, *saved)
-        return out_ND
-
-    @staticmethod
-    def backward(ctx, grad_ND):
-        swiglu, counts = ctx.swiglu, ctx.counts
-        x_ND, *rest = ctx.saved_tensors
-        weights, acts = rest[:ctx.num_weights], iter(rest[ctx.num_weights:])
-        per = 3 if swiglu else 2
-        grad_ND = grad_ND.contiguous()
-        grad_x = torch.empty_like(x_ND)
-        grads = []
-        start = 0
-        for e, n in enumerate(counts):
-            w = weights[per * e: per * e + per]
-            if n == 0:
-                grads += [torch.zeros_like(t) for t in w]
-                continue
-            rows = slice(start, start + n)
-            g, xs, h1 = grad_ND[rows], x_ND[rows], next(acts)
-            if swiglu:
-                h3 = next(acts)
-                sig = torch.sigmoid(h1)
-                a = h1 * sig
-                h = a * h3
-            else:
-                h = F.gelu(h1)
-            g_w2 = g.t().mm(h)                   # [D,F]
-            dh = g.mm(w[-1])                     # [n,F]
-            if swiglu:
-                dh3 = dh * a
-                dh1 = dh.mul_(h3).mul_(_silu_grad(h1, sig))
-                g_w1 = dh1.t().mm(xs)
-                g_w3 = dh3.t().mm(xs)
-                gx = torch.mm(dh1, w[0], out=grad_x[rows])
-                gx.addmm_(dh3, w[1])
-                grads += [g_w1, g_w3, g_w2]
-            else:
-                dh1 = torch.ops.aten.gelu_backward(dh, h1)
-                g_w1 = dh1.t().mm(xs)
-                torch.mm(dh1, w[0], out=grad_x[rows])
-                grads += [g_w1, g_w2]
-            start += n
-        return (grad_x, None, None, *grads)
-
-
-def fused_experts_forward(experts, x_routed_ND: torch.Tensor,
-                          tokens_per_local_expert: torch.Tensor) -> torch.Tensor:
-    """Drop-in for ``Experts.forward`` (fp32; under autocast the caller would
-    cast x and the weights to the autocast dtype before apply)."""
-    counts = tokens_per_local_expert.tolist()
-    swiglu = experts.experts[0].w3 is not None
-    weights = []
-    for mlp in experts.experts:
-        weights += [mlp.w1.weight] + ([mlp.w3.weight] if swiglu else []) + [mlp.w2.weight]
-    return _FusedExpertsFn.apply(x_routed_ND, counts, swiglu, *weights)
 
 
 class _ProtoDispatcher:
@@ -138,7 +44,7 @@ class _ProtoDispatcher:
     (``permute`` / ``unpermute``, the all-to-all dispatcher's local steps);
     ``unpermute`` already adds in place (prototype 2)."""
 
-    def dispatch(self, x_TD, decision):
+    def dispatch(self, x_TD, decision, blocks=False):
         perm = make_permutation(decision, x_TD.shape[0])
         return permute(x_TD, perm), perm.tokens_per_expert_E, perm
 
@@ -156,14 +62,11 @@ def apply_prototype(ours_module, fused_experts: bool = True, inplace_combine: bo
     and the packed dispatcher is installed whenever ``fused_experts`` is, since
     the fused Function takes one [N,D] tensor.
     """
-    import types
     layer = getattr(ours_module, "layer", ours_module)   # an Ours wrapper or a MoELayer
     if chunked or gather_chunks:
         return ours_module
     if fused_experts or inplace_combine:
         layer.dispatcher = _ProtoDispatcher()
-    if fused_experts:
-        layer.experts.forward = types.MethodType(fused_experts_forward, layer.experts)
     return ours_module
 
 

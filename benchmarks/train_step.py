@@ -56,14 +56,14 @@ def active_params(model) -> int:
     for name, p in model.named_parameters():
         if p.dim() < 2 or name.startswith("embed."):
             continue
-        if ".experts.experts." in name:
-            continue  # counted per layer below: K experts' worth
+        if ".experts.w" in name:
+            continue  # stacked experts, counted per layer below: K experts' worth
         n += p.numel()
     if model.lm_head.weight is model.embed.weight:
         n += model.lm_head.weight.numel()
     for m in model.modules():
         if isinstance(m, MoELayer):
-            per_expert = sum(p.numel() for p in m.experts.experts[0].parameters())
+            per_expert = sum(p[0].numel() for p in m.experts.parameters())
             k = m.cfg.top_k if m.cfg.router == "token_choice" else (m.cfg.capacity_factor or 2.0)
             n += int(k * per_expert)
     return n

@@ -14,7 +14,9 @@ Every variant is an ``nn.Module`` whose ``forward(x [B,S,D])`` returns
 - ``megatron``: megatron-core's ``MoELayer`` (GPU only; see
   ``build_megatron``).
 - ``ours_tc`` / ``ours_ec``: moe_train's ``MoELayer`` with token choice /
-  expert choice.
+  expert choice (``moe.expert_impl = auto``: loop on CPU, grouped_mm on CUDA).
+- ``ours_gmm`` / ``ours_loop``: ``ours_tc`` with ``expert_impl`` grouped_mm /
+  loop forced.
 - ``proto_tc``, ``proto_chunk``, ``proto_gather``: ``ours_tc`` with the
   changes prototyped in prototypes.py (1+2, 3, 3+4).
 
@@ -191,6 +193,10 @@ def build(name: str, hidden: int, ffn: int, num_experts: int, top_k: int) -> nn.
         return DeepSpeedMoE(hidden, ffn, num_experts, top_k)
     if name == "ours_tc":
         return Ours(hidden, ffn, num_experts, top_k, "token_choice")
+    if name == "ours_gmm":
+        return Ours(hidden, ffn, num_experts, top_k, "token_choice", expert_impl="grouped_mm")
+    if name == "ours_loop":
+        return Ours(hidden, ffn, num_experts, top_k, "token_choice", expert_impl="loop")
     if name == "ours_ec":
         return Ours(hidden, ffn, num_experts, top_k, "expert_choice")
     if name == "proto_tc":

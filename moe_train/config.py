@@ -168,8 +168,10 @@ class MoEConfig:
     expert_bias_update_rate: float = 0.0
     """Aux-loss-free balancing (DeepSeek-V3 gamma; 1e-3 in the paper): per-step
     update of a per-expert selection bias; 0 turns it off. Token choice only."""
-    expert_impl: str = "grouped"
-    """grouped (fast: tokens sorted by expert) | reference (slow masked loop)."""
+    expert_impl: str = "auto"
+    """auto (grouped_mm on CUDA, loop elsewhere) | grouped_mm (torch._grouped_mm,
+    no host sync) | loop (per-expert matmuls, one autograd Function) |
+    reference (slow masked loop, the oracle)."""
     hidden_size: Optional[int] = None
     """Model width D; null means model.hidden_size."""
     ffn_hidden_size: Optional[int] = None
@@ -298,7 +300,7 @@ CHOICES = {
     "moe.expert_choice_group": ("position", "batch"),
     "moe.aux_loss": ("switch", "shazeer", "sequence", "none"),
     "moe.activation": ("swiglu", "gelu", None),
-    "moe.expert_impl": ("grouped", "reference"),
+    "moe.expert_impl": ("auto", "grouped_mm", "loop", "reference"),
     "parallel.backend": ("nccl", "gloo", None),
     "train.precision": ("fp32", "bf16"),
     "train.recompute": ("none", "full", "selective"),
@@ -393,6 +395,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _check(not (e.router == "expert_choice" and e.expert_bias_update_rate > 0),
                f"moe.expert_bias_update_rate ({e.expert_bias_update_rate}) applies to moe.router "
                "token_choice only (expert choice is balanced by construction); set it to 0")
+        if e.expert_impl == "grouped_mm":
+            from moe_train.moe.expert_impls import grouped_mm_unavailable_reason
+            reason = grouped_mm_unavailable_reason(e.hidden_size or m.hidden_size,
+                                                   e.ffn_hidden_size or m.ffn_size)
+            _check(reason is None, str(reason))
         _check(e.num_experts % p.expert_parallel_size == 0,
                f"moe.num_experts ({e.num_experts}) must be divisible by "
                f"parallel.expert_parallel_size ({p.expert_parallel_size})")

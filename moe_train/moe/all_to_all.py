@@ -114,11 +114,12 @@ class AllToAllDispatcher:
 
     # -- the dispatcher interface
 
-    def dispatch(self, x_TD: torch.Tensor, decision: RoutingDecision
+    def dispatch(self, x_TD: torch.Tensor, decision: RoutingDecision, blocks: bool = False
                  ) -> Tuple[torch.Tensor, torch.Tensor, AllToAllMeta]:
         """Return ``(x_routed [M,D], tokens_per_local_expert [L] long, meta)``:
         the rows every rank of the group routed to this rank's experts,
-        grouped by local expert."""
+        grouped by local expert. ``blocks`` is ignored: the exchange needs
+        one contiguous buffer, so the rows always come as one tensor."""
         if decision.num_experts != self.num_experts:
             raise ValueError(f"decision has {decision.num_experts} experts, dispatcher "
                              f"expects {self.num_experts}")

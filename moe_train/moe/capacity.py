@@ -22,7 +22,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from moe_train.config import check_choice
 
@@ -73,8 +72,10 @@ def capacity_keep_mask(expert_ids_TK: torch.Tensor, num_experts: int, capacity: 
     if capacity is None:
         return torch.ones(T, K, dtype=torch.bool, device=expert_ids_TK.device)
     order = priority_order(batch, seq, K, priority, expert_ids_TK.device)
-    ids_sorted = expert_ids_TK.reshape(-1)[order]                              # [T*K] in priority order
-    onehot = F.one_hot(ids_sorted, num_experts).to(torch.int32)                # [T*K, E]
+    ids_sorted = expert_ids_TK.reshape(-1).index_select(0, order)              # [T*K] in priority order
+    # A scatter rather than F.one_hot, which checks the index range on the host.
+    onehot = torch.zeros(T * K, num_experts, dtype=torch.int32, device=ids_sorted.device)
+    onehot.scatter_(1, ids_sorted[:, None], 1)                                 # [T*K, E]
     # Running count per expert along the priority order = the slot each assignment asks for.
     slot = (onehot.cumsum(0, dtype=torch.int32) * onehot).sum(-1) - 1          # [T*K]
     keep = torch.empty(T * K, dtype=torch.bool, device=expert_ids_TK.device)

@@ -9,8 +9,8 @@ from typing import List, Sequence, Tuple, Union
 
 import torch
 
-from moe_train.moe.permute import (Permutation, make_permutation, permute_chunks, unpermute,
-                                   unpermute_chunks)
+from moe_train.moe.permute import (Permutation, make_permutation, permute, permute_chunks,
+                                   unpermute, unpermute_chunks)
 from moe_train.moe.routing import RoutingDecision
 
 
@@ -27,13 +27,19 @@ class LocalDispatcher:
     blocks are recycled by the heap (docs/performance.md).
     """
 
-    def dispatch(self, x_TD: torch.Tensor, decision: RoutingDecision
-                 ) -> Tuple[List[torch.Tensor], torch.Tensor, Permutation]:
-        """Return ``(x_routed, tokens_per_local_expert [E] long, meta)`` where
-        ``x_routed`` is a list of E blocks, block e ``[n_e, D]`` holding the
-        rows routed to expert e (``torch.cat`` of the list is the [N,D]
-        layout grouped by expert in increasing order)."""
+    def dispatch(self, x_TD: torch.Tensor, decision: RoutingDecision, blocks: bool = True
+                 ) -> Tuple[Union[List[torch.Tensor], torch.Tensor], torch.Tensor, Permutation]:
+        """Return ``(x_routed, tokens_per_local_expert [E] long, meta)``.
+
+        With ``blocks``, ``x_routed`` is a list of E blocks, block e
+        ``[n_e, D]`` holding the rows routed to expert e (``torch.cat`` of the
+        list is the [N,D] layout grouped by expert in increasing order); the
+        split reads the counts on the host (one sync). Without, it is that
+        [N,D] tensor itself, and nothing here reads a device value on the
+        host (the grouped_mm path)."""
         perm = make_permutation(decision, x_TD.shape[0])
+        if not blocks:
+            return permute(x_TD, perm), perm.tokens_per_expert_E, perm
         return permute_chunks(x_TD, perm), perm.tokens_per_expert_E, perm
 
     def combine(self, y_routed: Union[Sequence[torch.Tensor], torch.Tensor],

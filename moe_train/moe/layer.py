@@ -77,7 +77,7 @@ class MoELayer(nn.Module):
         self.router = build_router(cfg)
         self.router.layer_index = layer_index
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.ffn_hidden_size,
-                               cfg.activation, init_std, output_std)
+                               cfg.activation, init_std, output_std, impl=cfg.expert_impl)
         shared_width = cfg.shared_expert_ffn_hidden_size or cfg.num_shared_experts * cfg.ffn_hidden_size
         self.shared_experts = (
             MLP(cfg.hidden_size, shared_width, cfg.activation, init_std, output_std)
@@ -99,7 +99,10 @@ class MoELayer(nn.Module):
         if self.cfg.expert_impl == "reference":
             y_TD = self.experts.reference_forward(x_TD, decision)
         else:
-            x_routed_ND, tokens_per_local_expert, meta = self.dispatcher.dispatch(x_TD, decision)
+            # The loop wants one block per expert (no [N,D] temporaries on
+            # CPU); grouped_mm one [N,D] tensor with its counts on the device.
+            x_routed_ND, tokens_per_local_expert, meta = self.dispatcher.dispatch(
+                x_TD, decision, blocks=self.experts.wants_blocks(x.device))
             y_routed_ND = self.experts(x_routed_ND, tokens_per_local_expert)
             y_TD = self.dispatcher.combine(y_routed_ND, meta)
         if self.shared_experts is not None:

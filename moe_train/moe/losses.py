@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from moe_train.moe.routing import count_per_expert
+
 CV_EPS = 1e-10
 """tensor2tensor's epsilon in cv_squared (keeps an all-zero vector at 0)."""
 
@@ -22,7 +24,7 @@ def switch_load_balancing_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tens
     routing is uniform.
     """
     T, E = probs_TE.shape
-    counts_E = torch.bincount(expert_ids_TK.reshape(-1), minlength=E).to(torch.float32)
+    counts_E = count_per_expert(expert_ids_TK, E).to(torch.float32)
     f_E = counts_E / expert_ids_TK.numel()
     P_E = probs_TE.float().mean(0)
     return coef * E * torch.sum(f_E * P_E)
@@ -95,7 +97,7 @@ def smooth_load(clean_logits_TE: torch.Tensor, noisy_logits_TE: torch.Tensor,
 
 def count_load(expert_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[E] fp32: assignments per expert (Shazeer's load without noise; no gradient)."""
-    return torch.bincount(expert_ids_TK.reshape(-1), minlength=num_experts).to(torch.float32)
+    return count_per_expert(expert_ids_TK, num_experts).to(torch.float32)
 
 
 def z_loss(logits_TE: torch.Tensor, coef: float) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import List, Sequence
 
 import torch
 
-from moe_train.moe.routing import RoutingDecision
+from moe_train.moe.routing import RoutingDecision, count_per_expert
 
 
 @dataclass
@@ -49,7 +49,7 @@ def sort_by_expert(expert_index_N: torch.Tensor, num_experts: int):
     and lets tests compare it with a plain loop.
     """
     order_N = torch.argsort(expert_index_N, stable=True)
-    tokens_per_expert_E = torch.bincount(expert_index_N, minlength=num_experts)
+    tokens_per_expert_E = count_per_expert(expert_index_N, num_experts)
     return order_N, tokens_per_expert_E
 
 

@@ -20,7 +20,7 @@ from moe_train.config import MoEConfig, check_choice
 from moe_train.moe import losses as L
 from moe_train.moe.capacity import capacity_keep_mask, expert_choice_k, token_capacity
 from moe_train.moe.expert_choice_schedule import max_slots, slots_per_expert
-from moe_train.moe.routing import RoutingDecision
+from moe_train.moe.routing import RoutingDecision, count_per_expert
 from moe_train.moe.routing_noise import noise_generator
 
 ROUTER_INIT_STD = 0.02
@@ -210,21 +210,30 @@ class TokenChoiceRouter(nn.Module):
 
             capacity = token_capacity(T, self.top_k, self.num_experts,
                                       self.capacity_factor, self.min_capacity)
-            keep_TK = capacity_keep_mask(ids_TK, self.num_experts, capacity, batch, seq,
-                                         self.capacity_priority)
-            token_TK = torch.arange(T, device=x_TD.device)[:, None].expand(T, self.top_k)
-            dropped = 1.0 - keep_TK.sum().float() / keep_TK.numel()
+            token_N = torch.arange(T, device=x_TD.device).repeat_interleave(
+                self.top_k, output_size=T * self.top_k)
+            expert_N, weight_N = ids_TK.reshape(-1), gates_TK.reshape(-1)
+            if capacity is None:
+                # Dropless keeps all T*K assignments: no mask, no host sync.
+                dropped = torch.zeros((), dtype=torch.float32, device=x_TD.device)
+            else:
+                keep_TK = capacity_keep_mask(ids_TK, self.num_experts, capacity, batch, seq,
+                                             self.capacity_priority)
+                dropped = 1.0 - keep_TK.sum().float() / keep_TK.numel()
+                # The one host sync of a capacity layer: how many were kept.
+                kept_N = keep_TK.reshape(-1).nonzero().squeeze(1)
+                token_N, expert_N, weight_N = (t.index_select(0, kept_N)
+                                               for t in (token_N, expert_N, weight_N))
             return RoutingDecision(
-                token_index=token_TK[keep_TK],
-                expert_index=ids_TK[keep_TK],
-                weight=gates_TK[keep_TK],
+                token_index=token_N,
+                expert_index=expert_N,
+                weight=weight_N,
                 logits=logits_TE,
                 probs=logits_TE.softmax(-1),
                 num_experts=self.num_experts,
                 dropped_fraction=dropped,
                 losses=losses,
-                selected_per_expert=torch.bincount(ids_TK.reshape(-1),
-                                                   minlength=self.num_experts).detach(),
+                selected_per_expert=count_per_expert(ids_TK, self.num_experts).detach(),
             )
 
     def _losses(self, logits_TE, scores_TE, noise_std_TE, ids_TK, gates_TK,

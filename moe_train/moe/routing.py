@@ -11,6 +11,16 @@ from typing import Dict, Optional
 import torch
 
 
+def count_per_expert(expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] long: how often each expert appears in ``expert_index`` (any shape).
+
+    A scatter-add on the device, where ``torch.bincount`` reads the maximum
+    on the host first (a device-to-host sync on CUDA)."""
+    flat = expert_index.reshape(-1)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.long))
+
+
 @dataclass
 class RoutingDecision:
     """Which (token, expert) pairs are computed, with their gate weights.
@@ -49,4 +59,4 @@ class RoutingDecision:
 
     def tokens_per_expert(self) -> torch.Tensor:
         """[E] long: assignments kept per expert."""
-        return torch.bincount(self.expert_index, minlength=self.num_experts)
+        return count_per_expert(self.expert_index, self.num_experts)

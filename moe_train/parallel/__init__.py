@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from moe_train.parallel.expert_parallel import (apply_expert_parallel, global_param_name,
+from moe_train.parallel.expert_parallel import (apply_expert_parallel, logical_entries,
                                                 is_expert_param, local_expert_range)
 from moe_train.parallel.grad_sync import clip_grad_norm, grad_norm, sync_gradients
 from moe_train.parallel.tensor_parallel import apply_tensor_parallel, is_tensor_parallel_param
@@ -36,4 +36,4 @@ def parallelize(model: nn.Module, topology) -> nn.Module:
 
 __all__ = ["parallelize", "apply_tensor_parallel", "apply_expert_parallel", "sync_gradients",
            "clip_grad_norm", "grad_norm", "is_expert_param", "is_tensor_parallel_param",
-           "global_param_name", "local_expert_range"]
+           "logical_entries", "local_expert_range"]

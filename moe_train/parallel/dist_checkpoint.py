@@ -3,10 +3,15 @@
 The format is torch.distributed.checkpoint (DCP), in a *logical* layout: every
 entry is keyed by the name it has in the single-device model (EP=1, TP=1).
 
-- Routed experts: each rank saves its own experts under their global index
-  (``global_param_name``: local expert i of EP rank r is expert
-  ``r*E/ep + i``). The keys of different EP ranks do not overlap, so every
-  rank writes its own experts and nothing is gathered for EP.
+- Routed experts: the model holds them stacked (``<layer>.experts.w1``
+  ``[E_local, D, F]``, ``w3`` the same, ``w2`` ``[E_local, F, D]``); the
+  checkpoint holds one entry per expert, ``<layer>.experts.<g>.w1`` (``w2``,
+  ``w3``), the expert's slice (``[D, F]`` / ``[F, D]``) under its global
+  index g (``logical_entries``: local expert i of EP rank r is expert
+  ``r*E/ep + i``). So the keys do not depend on the EP size, the keys of
+  different EP ranks do not overlap, every rank writes its own experts and
+  nothing is gathered for EP. (Mixtral's ``experts.<g>.w1.weight`` is the
+  transpose, made only by the HF export.)
 - Tensor-parallel shards are gathered to the full tensor over the TP group
   before the save (every TP rank then holds the same full tensor) and sliced
   on load. The saved tensor is the TP=1 tensor, so a checkpoint loads at any
@@ -16,7 +21,8 @@ entry is keyed by the name it has in the single-device model (EP=1, TP=1).
   written once: DCP's save planner deduplicates equal keys across ranks.
 
 AdamW's per-parameter state is keyed the same way (``state/<name>/exp_avg``,
-``.../exp_avg_sq``, ``.../step``), so loading at another EP size moves expert
+``.../exp_avg_sq``, ``.../step``; per expert for the stacked weights, the
+step repeated under each), so loading at another EP size moves expert
 weights *and* their optimizer state to whichever rank now holds the expert.
 Parameter-group hyperparameters (lr, betas, weight decay, the scheduler's
 ``initial_lr``) are saved as ``param_groups/<group name>/<field>``.
@@ -42,7 +48,7 @@ import torch
 from torch import nn
 
 from moe_train.parallel.collectives import gather_tensor_parallel
-from moe_train.parallel.expert_parallel import global_param_name
+from moe_train.parallel.expert_parallel import is_expert_param, logical_entries
 from moe_train.parallel.tensor_parallel import full_weight_shard, is_tensor_parallel_param
 
 MODEL_DIR = "model"
@@ -131,8 +137,9 @@ def model_state(model: nn.Module, topology) -> Dict[str, torch.Tensor]:
     """This rank's entries of the logical state dict: every key of
     ``model.state_dict()`` under its EP=1 name, TP shards gathered to full.
     A collective over the TP group when TP > 1 (every rank must call it)."""
-    return {global_param_name(model, name): _full(t, t, topology)
-            for name, t in model.state_dict(keep_vars=True).items()}
+    return {key: _full(view, t, topology)
+            for name, t in model.state_dict(keep_vars=True).items()
+            for key, view in logical_entries(model, name, t)}
 
 
 def _group_key(group: Dict[str, Any], index: int) -> str:
@@ -156,10 +163,13 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
         for p in group["params"]:
             if id(p) not in names:
                 raise CheckpointError("the optimizer holds a parameter that is not the model's")
-            gname = global_param_name(model, names[id(p)])
             for key, value in optimizer.state.get(p, {}).items():
-                out[f"{_STATE}/{gname}/{key}"] = _full(value, p, topology) \
-                    if torch.is_tensor(value) else value
+                if not torch.is_tensor(value):
+                    for gname, _ in logical_entries(model, names[id(p)], p):
+                        out[f"{_STATE}/{gname}/{key}"] = value
+                    continue
+                for gname, view in logical_entries(model, names[id(p)], value):
+                    out[f"{_STATE}/{gname}/{key}"] = _full(view, p, topology)
     return out
 
 
@@ -208,18 +218,19 @@ def load_logical_state_dict(model: nn.Module, full: Dict[str, torch.Tensor], top
     """Copy this rank's part of a logical (EP=1, TP=1) state dict ``full``
     into ``model``: its own experts by global name, its TP slices. Every key
     of ``model.state_dict()`` must be there (CheckpointError otherwise)."""
-    own = model.state_dict(keep_vars=True)
-    missing = [k for k in own if global_param_name(model, k) not in full]
+    own = [(key, view, t) for name, t in model.state_dict(keep_vars=True).items()
+           for key, view in logical_entries(model, name, t)]
+    missing = [key for key, _, _ in own if key not in full]
     if missing:
         raise CheckpointError(f"the checkpoint lacks {len(missing)} entries the model needs, "
-                              f"e.g. {global_param_name(model, missing[0])}")
+                              f"e.g. {missing[0]}")
     with torch.no_grad():
-        for name, t in own.items():
-            value = _local(full[global_param_name(model, name)], t, topology)
-            if value.shape != t.shape:
-                raise CheckpointError(f"checkpoint entry {global_param_name(model, name)} has shape "
-                                      f"{tuple(value.shape)}, the model needs {tuple(t.shape)}")
-            t.copy_(value)
+        for key, view, t in own:
+            value = _local(full[key], t, topology) if view is t else full[key]
+            if value.shape != view.shape:
+                raise CheckpointError(f"checkpoint entry {key} has shape "
+                                      f"{tuple(value.shape)}, the model needs {tuple(view.shape)}")
+            view.copy_(value)
 
 
 def load_model_state(path: str, model: nn.Module, topology) -> None:
@@ -228,9 +239,8 @@ def load_model_state(path: str, model: nn.Module, topology) -> None:
     experts it holds and the full dense tensors, then keeps its TP slice."""
     md = _metadata(path)
     own = model.state_dict(keep_vars=True)
-    targets = {global_param_name(model, name): torch.empty(_full_shape(t, t, topology),
-                                                           dtype=t.dtype, device=t.device)
-               for name, t in own.items()}
+    targets = {key: torch.empty(_full_shape(view, t, topology), dtype=t.dtype, device=t.device)
+               for name, t in own.items() for key, view in logical_entries(model, name, t)}
     _check_entries(path, md, targets)
     _call_dcp(_dcp().load, targets, path, topology)
     load_logical_state_dict(model, targets, topology)
@@ -262,8 +272,12 @@ def load_optimizer_state(path: str, model: nn.Module, optimizer: torch.optim.Opt
                                   + ", ".join(sorted(index_of[_GROUPS])))
         group_keys.append((group, index_of[_GROUPS][gkey]))
         for p in group["params"]:
-            keys_of[id(p)] = index_of[_STATE].get(global_param_name(model, names[id(p)]), {})
-    for fields in [f for _, f in group_keys] + list(keys_of.values()):
+            # One {field: key} per logical entry (one per expert for a
+            # stacked expert weight); empty when nothing was saved.
+            per_entry = [index_of[_STATE].get(gname, {})
+                         for gname, _ in logical_entries(model, names[id(p)], p)]
+            keys_of[id(p)] = per_entry if all(per_entry) else []
+    for fields in [f for _, f in group_keys] + [f for e in keys_of.values() for f in e]:
         for key in fields.values():
             # On the CPU: load_state_dict below moves each value where this
             # optimizer keeps it.
@@ -281,14 +295,28 @@ def load_optimizer_state(path: str, model: nn.Module, optimizer: torch.optim.Opt
         for p in group["params"]:
             entries = keys_of[id(p)]
             if entries:
-                values = {k: targets[key] for k, key in entries.items()}
-                state[index] = {k: _local(v, p, topology) if torch.is_tensor(v) else v
-                                for k, v in values.items()}
+                stacked = is_expert_param(names[id(p)])
+                state[index] = {k: _restore(p, stacked, [targets[e[k]] for e in entries], topology)
+                                for k in entries[0]}
             ids.append(index)
             index += 1
         groups.append({**{k: v for k, v in group.items() if k != "params"}, **restored,
                        "params": ids})
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _restore(param: torch.Tensor, stacked: bool, values, topology):
+    """One optimizer state entry of ``param`` from its logical entries'
+    values: the value itself for a dense parameter (TP-sliced), the stack of
+    the per-expert slices for a stacked expert weight (a 0-d value such as
+    AdamW's step is the same under every expert: the first is taken)."""
+    if not stacked:
+        value = values[0]
+        return _local(value, param, topology) if torch.is_tensor(value) else value
+    first = values[0]
+    if not torch.is_tensor(first) or first.dim() == 0:
+        return first
+    return torch.stack(values)
 
 
 def load(ckpt_dir: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],

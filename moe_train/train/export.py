@@ -267,8 +267,9 @@ def hf_state_dict(model: nn.Module, cfg: Config) -> Dict[str, torch.Tensor]:
     ``model.layers.{i}.input_layernorm``; ``attn.wq/wk/wv/wo`` ->
     ``self_attn.q_proj/k_proj/v_proj/o_proj``; ``ffn_norm`` ->
     ``post_attention_layernorm``; ``ffn.router.weight`` ->
-    ``block_sparse_moe.gate.weight``; ``ffn.experts.experts[j].w1/w2/w3`` ->
-    ``block_sparse_moe.experts.{j}.w1/w2/w3``; ``final_norm`` ->
+    ``block_sparse_moe.gate.weight``; the stacked ``ffn.experts.w1/w3[j]``
+    ``[D, F]`` and ``w2[j]`` ``[F, D]`` -> ``block_sparse_moe.experts.{j}.w1/w3``
+    ``[F, D]`` and ``w2`` ``[D, F]`` (transposed: nn.Linear's layout); ``final_norm`` ->
     ``model.norm``; ``lm_head`` -> ``lm_head`` (left out when tied, as
     transformers does). Raises :class:`ExportError` when the model does not
     match ``cfg`` (e.g. a rank's shard under expert or tensor parallelism).
@@ -291,9 +292,9 @@ def hf_state_dict(model: nn.Module, cfg: Config) -> Dict[str, torch.Tensor]:
         if not getattr(block, "is_moe", False):
             raise ExportError(f"cannot export to Mixtral: block {i} is dense; Mixtral has an MoE "
                               "feed-forward in every block")
-        experts = block.ffn.experts.experts
-        if len(experts) != e.num_experts:
-            raise ExportError(f"cannot export: block {i} holds {len(experts)} experts but "
+        experts = block.ffn.experts
+        if experts.num_experts != e.num_experts:
+            raise ExportError(f"cannot export: block {i} holds {experts.num_experts} experts but "
                               f"moe.num_experts is {e.num_experts} (export the full, unsharded model)")
         wq, wk = w(block.attn.wq.weight), w(block.attn.wk.weight)
         if interleaved:
@@ -306,11 +307,11 @@ def hf_state_dict(model: nn.Module, cfg: Config) -> Dict[str, torch.Tensor]:
         out[p + "self_attn.o_proj.weight"] = w(block.attn.wo.weight)
         out[p + "post_attention_layernorm.weight"] = w(block.ffn_norm.weight)
         out[p + "block_sparse_moe.gate.weight"] = w(block.ffn.router.weight)
-        for j, expert in enumerate(experts):
+        for j in range(experts.num_experts):
             q = f"{p}block_sparse_moe.experts.{j}."
-            out[q + "w1.weight"] = w(expert.w1.weight)
-            out[q + "w2.weight"] = w(expert.w2.weight)
-            out[q + "w3.weight"] = w(expert.w3.weight)
+            out[q + "w1.weight"] = w(experts.w1[j].t())
+            out[q + "w2.weight"] = w(experts.w2[j].t())
+            out[q + "w3.weight"] = w(experts.w3[j].t())
     out["model.norm.weight"] = w(model.final_norm.weight)
     if not m.tie_embeddings:
         out["lm_head.weight"] = w(model.lm_head.weight)

@@ -10,7 +10,11 @@ each rank's tokens in turn. Each parallel rank checks, in fp32:
   against the SUM over all ranks' losses (the backward all-to-all brings the
   other ranks' token gradients to the expert's owner);
 - after ``sync_gradients``: every gradient against the gradient of the mean
-  loss over ranks (experts shard-wise, mapped by ``global_param_name``).
+  loss over ranks (experts per expert, mapped by ``logical_entries``).
+
+The reference runs ``moe.expert_impl = reference`` (the masked loop); the
+EP layers run ``loop`` and ``grouped_mm``, so the three implementations are
+held equal at EP=2 and EP=4 too.
 
 The parent also checks that the ranks together covered every parameter of
 the EP=1 layer. One spawn per world size runs every routing case.
@@ -27,7 +31,8 @@ from moe_train.moe.routing import RoutingDecision
 
 from .harness import assert_checks, init_topology_gloo, run_distributed
 
-D, FFN, E, B, S = 8, 12, 8, 4, 3
+D, FFN, E, B, S = 8, 16, 8, 4, 3
+IMPLS = ("loop", "grouped_mm")
 RTOL, ATOL = 1e-5, 1e-6
 
 CASES = {
@@ -42,11 +47,11 @@ CASES = {
 }
 
 
-def build_layer(case: str) -> MoELayer:
+def build_layer(case: str, impl: str = "auto") -> MoELayer:
     """The same full EP=1 layer on every rank (same seed)."""
     torch.manual_seed(1234)
     cfg = MoEConfig(num_experts=E, hidden_size=D, ffn_hidden_size=FFN, activation="swiglu",
-                    **CASES[case])
+                    expert_impl=impl, **CASES[case])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         layer = MoELayer(cfg, init_std=0.3)
@@ -67,7 +72,9 @@ def loss_of(out, proj):
 
 def reference(case: str, world: int):
     """EP=1 layer on each rank's tokens: outputs, input grads and per-rank grads."""
-    layer = build_layer(case)
+    from moe_train.parallel import logical_entries
+
+    layer = build_layer(case, "reference")
     outs, x_grads, grads, aux = [], [], [], []
     for r in range(world):
         layer.zero_grad(set_to_none=True)
@@ -78,20 +85,22 @@ def reference(case: str, world: int):
         outs.append(out.output.detach())
         aux.append(out.aux_loss.detach())
         x_grads.append(x.grad)
-        grads.append({n: p.grad.clone() for n, p in layer.named_parameters()})
+        grads.append({k: g.clone() for n, p in layer.named_parameters()
+                      for k, g in logical_entries(layer, n, p.grad)})
     return outs, x_grads, grads, aux
 
 
 def ep_worker(rank: int, world: int, ep: int):
-    from moe_train.parallel import (apply_expert_parallel, global_param_name, is_expert_param,
+    from moe_train.parallel import (apply_expert_parallel, is_expert_param, logical_entries,
                                     sync_gradients)
 
     topo = init_topology_gloo(expert_parallel_size=ep)
     assert topo.ep_size == ep and topo.dp_size == world
     report = {}
-    for case in CASES:
-        ref_out, ref_xg, ref_grads, ref_aux = reference(case, world)
-        layer = apply_expert_parallel(build_layer(case), topo)
+    for case, impl in [(c, i) for c in CASES for i in IMPLS]:
+        if impl == IMPLS[0]:
+            ref_out, ref_xg, ref_grads, ref_aux = reference(case, world)
+        layer = apply_expert_parallel(build_layer(case, impl), topo)
         x, proj = rank_inputs(rank)
         x.requires_grad_(True)
         out = layer(x)
@@ -101,20 +110,20 @@ def ep_worker(rank: int, world: int, ep: int):
                   ("x.grad", x.grad, ref_xg[rank])]
         names = []
         pre = {n: p.grad.clone() for n, p in layer.named_parameters()}
-        for n, g in pre.items():
-            gn = global_param_name(layer, n)
-            names.append(gn)
-            if is_expert_param(n):   # gradient of the sum of every rank's loss
-                expected = sum(grads[gn] for grads in ref_grads)
-            else:
-                expected = ref_grads[rank][gn]
-            checks.append((f"pre-sync {gn}", g, expected))
+        for n, grad in pre.items():
+            for gn, g in logical_entries(layer, n, grad):
+                names.append(gn)
+                if is_expert_param(n):   # gradient of the sum of every rank's loss
+                    expected = sum(grads[gn] for grads in ref_grads)
+                else:
+                    expected = ref_grads[rank][gn]
+                checks.append((f"pre-sync {gn}", g, expected))
         sync_gradients(layer, topo)
         for n, p in layer.named_parameters():
-            gn = global_param_name(layer, n)
-            expected = sum(grads[gn] for grads in ref_grads) / world
-            checks.append((f"synced {gn}", p.grad, expected))
-        report[case] = {"checks": checks, "names": names,
+            for gn, g in logical_entries(layer, n, p.grad):
+                expected = sum(grads[gn] for grads in ref_grads) / world
+                checks.append((f"synced {gn}", g, expected))
+        report[f"{case}/{impl}"] = {"checks": checks, "names": names,
                         "all_names": list(ref_grads[0]),
                         "local_experts": layer.experts.num_experts}
     report["dispatcher_edge"] = dispatcher_edge_case(rank, topo)
@@ -175,17 +184,18 @@ def ep_run(request):
     return world, run_distributed(ep_worker, world, ep, timeout=150)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_ep_layer_equals_ep1(ep_run, case):
+def test_ep_layer_equals_ep1(ep_run, case, impl):
     world, reports = ep_run
     covered = set()
     for rank, report in enumerate(reports):
-        r = report[case]
+        r = report[f"{case}/{impl}"]
         assert r["local_experts"] == E // world
         assert_checks(r["checks"], f"rank {rank}", RTOL, ATOL)
         covered.update(r["names"])
-    # Every parameter of the EP=1 layer was compared on some rank.
-    assert covered == set(reports[0][case]["all_names"])
+    # Every parameter (every expert's slice) of the EP=1 layer was compared on some rank.
+    assert covered == set(reports[0][f"{case}/{impl}"]["all_names"])
 
 
 def test_dispatcher_empty_and_remote_ranks(ep_run):
@@ -196,12 +206,13 @@ def test_dispatcher_empty_and_remote_ranks(ep_run):
 
 def test_expert_param_names_and_single_process_parallelize():
     """No processes needed: name rules, and parallelize is a no-op in one process."""
-    from moe_train.parallel import global_param_name, is_expert_param, local_expert_range, parallelize
+    from moe_train.parallel import is_expert_param, local_expert_range, logical_entries, parallelize
     from moe_train.parallel.topology import Topology
 
-    assert is_expert_param("blocks.3.ffn.experts.experts.12.w1.weight")
-    assert is_expert_param("experts.experts.0.w2.weight")
+    assert is_expert_param("blocks.3.ffn.experts.w1")
+    assert is_expert_param("experts.w2")
     assert not is_expert_param("blocks.3.ffn.shared_experts.w1.weight")
+    assert not is_expert_param("blocks.3.ffn.w1.weight")
     assert not is_expert_param("blocks.3.ffn.router.weight")
     assert list(local_expert_range(8, 4, 2)) == [4, 5]
     with pytest.raises(ValueError, match="divisible"):
@@ -214,9 +225,12 @@ def test_expert_param_names_and_single_process_parallelize():
     assert parallelize(layer, Topology()) is layer
     torch.testing.assert_close(layer(x).output, before, rtol=0, atol=0)
     assert [n for n, _ in layer.named_parameters()] == names
-    assert [global_param_name(layer, n) for n in names] == names
+    entries = [k for n, p in layer.named_parameters() for k, _ in logical_entries(layer, n, p)]
+    assert "experts.0.w1" in entries and f"experts.{E - 1}.w2" in entries
+    assert "router.weight" in entries and "experts.w1" not in entries
     marked = {n for n, p in layer.named_parameters() if is_expert_param(p)}
-    assert marked == {n for n in names if is_expert_param(n)} and len(marked) == 3 * E
+    assert marked == {n for n in names if is_expert_param(n)} == {"experts.w1", "experts.w2",
+                                                                  "experts.w3"}
 
 
 def _raising_worker(rank, world):

@@ -21,6 +21,7 @@ exactly the losses, learning rates and gradient norms of the uninterrupted
 """
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -70,14 +71,22 @@ def _whole(tensor, param, topology):
 
 def local_state(model, opt, topology):
     """This rank's parameters and AdamW state, by single-model name, TP shards whole."""
-    from moe_train.parallel import global_param_name
+    from moe_train.parallel import logical_entries
 
     params, optim = {}, {}
     for name, p in model.named_parameters():
-        gname = global_param_name(model, name)
-        params[gname] = _whole(p, p, topology)
-        optim[gname] = {k: _whole(v, p, topology) for k, v in opt.state[p].items()}
+        for gname, view in logical_entries(model, name, p):
+            params[gname] = _whole(view, p, topology)
+        for k, v in opt.state[p].items():
+            for gname, view in logical_entries(model, name, v):
+                optim.setdefault(gname, {})[k] = _whole(view, p, topology)
     return {"params": params, "optim": optim}
+
+
+def _expert_of(name):
+    """Global expert index of a logical expert entry (``...experts.<g>.w1``), else None."""
+    match = re.search(r"\.experts\.(\d+)\.w[123]$", name)
+    return None if match is None else int(match.group(1))
 
 
 def make_trainer(cfg, resume=None):
@@ -169,14 +178,14 @@ def test_each_ep_rank_wrote_its_own_experts(runs):
     names = set(read_state(os.path.join(ckpt, "model")))
     for layer in (0, 1):
         for e in range(4):
-            assert f"blocks.{layer}.ffn.experts.experts.{e}.w1.weight" in names
+            assert f"blocks.{layer}.ffn.experts.{e}.w1" in names
     # Experts 0-1 live in rank 0's file, 2-3 in rank 1's: nothing was gathered.
     from torch.distributed.checkpoint import FileSystemReader
 
     storage = FileSystemReader(os.path.join(ckpt, "model")).read_metadata().storage_data
     for index, info in storage.items():
-        if ".experts.experts." in index.fqn:
-            expert = int(index.fqn.split(".experts.experts.")[1].split(".")[0])
+        expert = _expert_of(index.fqn)
+        if expert is not None:
             assert info.relative_path == f"__{expert // 2}_0.distcp", index.fqn
     assert sorted(os.listdir(os.path.join(ckpt, "rng"))) == ["rank_0.pt", "rank_1.pt"]
 
@@ -199,15 +208,14 @@ def test_load_in_another_layout_gives_the_saved_model(runs, layout):
         assert torch.equal(got_params[name], want_params[name]), name
     want_opt, got_opt = merged(want, "optim"), merged(got, "optim")
     assert got_opt.keys() == want_opt.keys()
-    experts = [n for n in want_opt if ".experts.experts." in n]
+    experts = [n for n in want_opt if _expert_of(n) is not None]
     assert len(experts) == 2 * 4 * 3  # layers x experts x (w1, w2, w3)
     for name in want_opt:
         assert want_opt[name].keys() == {"step", "exp_avg", "exp_avg_sq"}, name
         assert _equal(got_opt[name], want_opt[name]), name
     # Each rank of the new layout holds only its own experts (E/ep of them).
     for r in reports:
-        held = {n.split(".experts.experts.")[1].split(".")[0]
-                for n in r["state"]["params"] if ".experts.experts." in n}
+        held = {_expert_of(n) for n in r["state"]["params"] if _expert_of(n) is not None}
         assert len(held) == 4 // LAYOUTS[layout][1]
 
 

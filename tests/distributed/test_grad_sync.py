@@ -54,8 +54,12 @@ def reference(dp_size):
     model = build_full_model()
     for d in range(dp_size):
         (loss_of(model, d) / dp_size).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    norm = torch.nn.utils.get_total_norm(list(grads.values()))
+    from moe_train.parallel import logical_entries
+
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    # Keyed by logical entry: one per expert for the stacked expert weights.
+    grads = {k: g.clone() for n, p in model.named_parameters()
+             for k, g in logical_entries(model, n, p.grad)}
     return grads, norm
 
 
@@ -83,7 +87,7 @@ def planted_sync(topo):
 
 
 def model_sync(topo):
-    from moe_train.parallel import clip_grad_norm, global_param_name, parallelize, sync_gradients
+    from moe_train.parallel import clip_grad_norm, logical_entries, parallelize, sync_gradients
     from moe_train.parallel.tensor_parallel import full_weight_shard
 
     ref_grads, ref_norm = reference(topo.dp_size)
@@ -92,16 +96,16 @@ def model_sync(topo):
     sync_gradients(model, topo)
     checks, names = [], set()
     for n, p in model.named_parameters():
-        gn = global_param_name(model, n)
-        names.add(gn)
-        checks.append((f"synced {gn}", p.grad.clone(), full_weight_shard(ref_grads[gn], p, topo)))
+        for gn, g in logical_entries(model, n, p.grad):
+            names.add(gn)
+            checks.append((f"synced {gn}", g.clone(), full_weight_shard(ref_grads[gn], p, topo)))
     max_norm = 0.5 * float(ref_norm)
     norm = clip_grad_norm(model, max_norm, topo)
     coef = max_norm / (float(ref_norm) + 1e-6)
     checks.append(("grad norm", norm, ref_norm))
     for n, p in model.named_parameters():
-        gn = global_param_name(model, n)
-        checks.append((f"clipped {gn}", p.grad, coef * full_weight_shard(ref_grads[gn], p, topo)))
+        for gn, g in logical_entries(model, n, p.grad):
+            checks.append((f"clipped {gn}", g, coef * full_weight_shard(ref_grads[gn], p, topo)))
     return {"checks": checks, "names": names, "ref_names": set(ref_grads)}
 
 

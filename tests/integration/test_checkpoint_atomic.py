@@ -11,7 +11,8 @@ import time
 import torch
 
 from moe_train.config import load_config
-from moe_train.parallel.dist_checkpoint import read_state
+from moe_train.parallel.dist_checkpoint import model_state, read_state
+from moe_train.parallel.topology import Topology
 from moe_train.train.checkpoint import SAVE_DELAY_ENV, find_checkpoint, load_model
 from moe_train.train.trainer import train
 
@@ -57,7 +58,8 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     model, cfg = load_model(run_dir)
     assert not model.training
     saved = read_state(os.path.join(ckpts, "step_2", "model"))
-    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    # Keyed as checkpoints are: the stacked experts one entry per expert.
+    assert all(torch.equal(v, saved[k]) for k, v in model_state(model, Topology()).items())
     ids = torch.randint(0, cfg.model.vocab_size, (2, 8))
     with torch.no_grad():
         assert model(ids).logits.shape == (2, 8, cfg.model.vocab_size)
@@ -85,8 +87,8 @@ def test_keep_last_and_load_model_from_a_step_dir(tmp_path):
     from_run, _ = load_model(str(tmp_path))
     saved3 = read_state(str(ckpts / "step_3" / "model"))
     saved4 = read_state(str(ckpts / "step_4" / "model"))
-    assert all(torch.equal(v, saved3[k]) for k, v in from_step.state_dict().items())
-    assert all(torch.equal(v, saved4[k]) for k, v in from_run.state_dict().items())
+    assert all(torch.equal(v, saved3[k]) for k, v in model_state(from_step, Topology()).items())
+    assert all(torch.equal(v, saved4[k]) for k, v in model_state(from_run, Topology()).items())
 
 
 def test_pointer_fallback_and_fresh_start_over(tmp_path):

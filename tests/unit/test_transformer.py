@@ -64,11 +64,12 @@ def test_megatron_init_stds():
         for name in ("wq", "wk", "wv"):
             check(getattr(block.attn, name).weight, std)
         check(block.attn.wo.weight, out_std)
-        mlps = list(block.ffn.experts.experts) if block.is_moe else [block.ffn]
-        for mlp in mlps:
-            check(mlp.w1.weight, std)
-            check(mlp.w3.weight, std)
-            check(mlp.w2.weight, out_std)
+        # Stacked experts: w1/w3 [E,D,F], w2 [E,F,D]; a dense MLP: nn.Linear weights.
+        mlp = block.ffn.experts if block.is_moe else block.ffn
+        weight = (lambda m: m) if block.is_moe else (lambda m: m.weight)
+        check(weight(mlp.w1), std)
+        check(weight(mlp.w3), std)
+        check(weight(mlp.w2), out_std)
         for norm in (block.attn_norm, block.ffn_norm):
             assert torch.equal(norm.weight, torch.ones_like(norm.weight))
     assert torch.equal(model.final_norm.weight, torch.ones_like(model.final_norm.weight))

@@ -70,7 +70,11 @@ def active_params(model) -> int:
 
 
 def make_step(cfg, device, clock: str = "wall", proto: bool = False):
+    from moe_train.data.tokenizer import ByteTokenizer
+    from moe_train.data.vocab import padded_vocab_size
     from moe_train.model.transformer import build_model
+    if cfg.model.vocab_size is None:  # what training on the byte-tokenized default data sets
+        cfg.model.vocab_size = padded_vocab_size(ByteTokenizer.vocab_size)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, cfg.moe).to(device)
     if proto:

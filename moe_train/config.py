@@ -62,8 +62,8 @@ class RopeConfig:
 class ModelConfig:
     """A decoder-only transformer."""
 
-    vocab_size: int = 256
-    """Vocabulary size (256 for the byte tokenizer)."""
+    vocab_size: Optional[int] = None
+    """Vocabulary size; null means the dataset's, rounded up to a multiple of 128 (byte: 257 -> 384)."""
     hidden_size: int = 128
     """Model width D."""
     num_layers: int = 2
@@ -201,6 +201,18 @@ class ParallelConfig:
 
 
 @dataclass
+class BlendPart:
+    """One dataset of a blend (data.blend)."""
+
+    path: str = ""
+    """A data.dataset value: built-in corpus, prepare-data directory or Megatron prefix."""
+    weight: float = 1.0
+    """Share of the training samples, relative to the other parts' weights (> 0)."""
+    name: Optional[str] = None
+    """Name in val/loss/<name>; null means the last component of path."""
+
+
+@dataclass
 class DataConfig:
     """Where tokens come from."""
 
@@ -212,6 +224,8 @@ class DataConfig:
     """Share of the corpus held out for validation."""
     cache_dir: Optional[str] = None
     """Where prepared token files of the built-in corpora are cached; null means ~/.cache/moe_train."""
+    blend: Optional[List[BlendPart]] = None
+    """Weighted mix of datasets (list of {path, weight, name}); set, it replaces data.dataset."""
 
 
 @dataclass
@@ -418,6 +432,15 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(t.eval_every >= 0, f"train.eval_every ({t.eval_every}) must be >= 0")
     _check(t.heatmap_every >= 0, f"train.heatmap_every ({t.heatmap_every}) must be >= 0")
     _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction ({d.val_fraction}) must be in (0, 1)")
+    names = set()
+    for i, part in enumerate(d.blend or []):
+        _check(bool(part.path), f"data.blend[{i}].path must name a dataset")
+        _check(part.weight > 0 and math.isfinite(part.weight),
+               f"data.blend[{i}].weight ({part.weight}) must be > 0")
+        name = part.name or os.path.basename(os.path.normpath(part.path))
+        _check(name not in names, f"data.blend[{i}].name ({name!r}) is used twice; "
+               "give each part its own name")
+        names.add(name)
 
     _check(not (t.deepspeed_config and p.dp_shard_size > 1),
            f"parallel.dp_shard_size ({p.dp_shard_size}) must be 1 with train.deepspeed_config: "
@@ -467,6 +490,11 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
         if value is None:
             return None
         return _coerce(path, args[0], value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(f"{path}[{i}]", item, v) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if isinstance(tp, type) and isinstance(value, tp):
             return value

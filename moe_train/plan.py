@@ -274,6 +274,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.world < 1:
             raise ConfigError(f"--world ({args.world}) must be >= 1")
         cfg = load_config(args.config, args.set, args.world)
+        from moe_train.data.vocab import planned_vocab_size
+
+        cfg.model.vocab_size = planned_vocab_size(cfg)  # null: what training would infer
         plan = make_plan(cfg, args.world)
     except (_UsageError, ConfigError) as exc:
         return fail(str(exc))

@@ -1,5 +1,6 @@
-"""Data: tokenizers, built-in offline corpora, prepare-data, memory-mapped
-token splits and deterministic batch sampling. See docs/data.md."""
+"""Data: tokenizers, built-in offline corpora, prepare-data (txt, JSONL,
+Parquet; bare or Megatron indexed layout), memory-mapped token splits,
+blends and deterministic batch sampling. See docs/data.md."""
 from moe_train.data.corpus import CORPORA, corpus_files, shakespeare_files, stdlib_files
 from moe_train.data.dataset import (
     TokenDataset,

@@ -16,6 +16,7 @@ import numpy as np
 
 from moe_train.config import ConfigError, DataConfig
 from moe_train.data.corpus import CORPORA, corpus_files
+from moe_train.data.indexed import MEGATRON, document_split, is_prefix, read_indexed
 from moe_train.data.prepare import FORMAT_VERSION, prepare
 from moe_train.data.tokenizer import Tokenizer, build_tokenizer
 
@@ -38,10 +39,17 @@ class TokenDataset:
     token stream. ``split`` is the file name without ``.bin``.
     """
 
-    def __init__(self, path: str, dtype):
+    def __init__(self, path: str, dtype, tokens: Optional[np.ndarray] = None,
+                 owner: object = None, split: Optional[str] = None):
         self.path = path
         self.dtype = np.dtype(dtype)
-        self.split = os.path.splitext(os.path.basename(path))[0]
+        self.split = split or os.path.splitext(os.path.basename(path))[0]
+        # Another reader's array (a slice of an IndexedDataset's map): ``owner``
+        # keeps the map open for as long as this dataset lives.
+        self.owner = owner
+        if tokens is not None:
+            self.tokens = tokens
+            return
         size = os.path.getsize(path)
         if size % self.dtype.itemsize:
             raise ValueError(f"{path}: {size} bytes is not a whole number of "
@@ -98,6 +106,8 @@ def sample_batch(ds: TokenDataset, step: int, batch_size: int, seq_len: int,
     seq_len, size=batch_size)``: the same for a given ``(seed, step)`` whatever
     else happens, so resumption and data-parallel slicing need no state.
     """
+    if hasattr(ds, "sample_batch"):  # a Blend draws from its parts
+        return ds.sample_batch(step, batch_size, seq_len, seed)
     _check_key(seed, step, "step")
     return _rows(ds, np.random.default_rng([seed, step]), batch_size, seq_len)
 
@@ -194,11 +204,17 @@ def ensure_prepared(corpus: str, data_cfg: DataConfig, tok: Tokenizer) -> Tuple[
 
 
 def open_splits(directory: str, meta: Dict) -> Tuple[TokenDataset, TokenDataset]:
-    """Memory-map train.bin and val.bin of a prepared directory, checking their
-    sizes against meta.json."""
+    """Open train and val of a prepared directory (bare ``.bin`` files, or
+    Megatron ``.bin``/``.idx`` pairs read with megatron-core's
+    IndexedDataset), checking their sizes against meta.json."""
     splits = []
     for name in ("train", "val"):
-        ds = TokenDataset(os.path.join(directory, f"{name}.bin"), meta["dtype"])
+        path = os.path.join(directory, f"{name}.bin")
+        if meta.get("layout") == MEGATRON:
+            tokens, _, owner = read_indexed(os.path.join(directory, name))
+            ds = TokenDataset(path, tokens.dtype, tokens, owner)
+        else:
+            ds = TokenDataset(path, meta["dtype"])
         if len(ds) != meta[f"{name}_tokens"]:
             raise ValueError(f"dataset {directory} is incomplete or corrupt: {name}.bin holds "
                              f"{len(ds)} tokens, meta.json says {meta[f'{name}_tokens']}; "
@@ -207,29 +223,61 @@ def open_splits(directory: str, meta: Dict) -> Tuple[TokenDataset, TokenDataset]
     return splits[0], splits[1]
 
 
-def load_splits(data_cfg: DataConfig) -> Tuple[TokenDataset, TokenDataset, Dict]:
-    """``(train, val, meta)`` for ``data_cfg.dataset``.
+def open_prefix(prefix: str, val_fraction: float) -> Tuple[TokenDataset, TokenDataset, Dict]:
+    """``(train, val, meta)`` of a Megatron-LM indexed dataset ``prefix``
+    (``prefix.bin`` + ``prefix.idx``, e.g. from Megatron's preprocess_data.py),
+    used as it is: the token stream is cut at :func:`document_split`. The
+    meta is made up: ``vocab_size`` is the largest id plus one (no tokenizer
+    is recorded beside such a dataset)."""
+    tokens, doc_starts, owner = read_indexed(prefix)
+    cut = document_split(doc_starts, val_fraction)
+    path = prefix + ".bin"
+    train = TokenDataset(path, tokens.dtype, tokens[:cut], owner, split="train")
+    val = TokenDataset(path, tokens.dtype, tokens[cut:], owner, split="val")
+    meta = {"format": FORMAT_VERSION, "layout": MEGATRON, "corpus": None, "tokenizer": None,
+            "vocab_size": int(tokens.max()) + 1 if len(tokens) else 0,
+            "dtype": tokens.dtype.name, "train_tokens": len(train), "val_tokens": len(val),
+            "documents": len(doc_starts) - 1, "val_fraction": val_fraction,
+            "split": "whole final documents from token total * (1 - val_fraction) on"}
+    return train, val, meta
+
+
+def load_splits(data_cfg: DataConfig, name: Optional[str] = None
+                ) -> Tuple[TokenDataset, TokenDataset, Dict]:
+    """``(train, val, meta)`` for ``name`` (default ``data_cfg.dataset``).
 
     A built-in corpus name (``shakespeare``, ``stdlib``) is prepared once with
     ``data_cfg.tokenizer`` and ``data_cfg.val_fraction`` into the cache and
-    reused. Anything else is a directory made by ``moe-train prepare-data``;
-    its meta.json decides the split, and ``data_cfg.tokenizer`` must be the
-    tokenizer it was prepared with. Errors are ConfigErrors naming the field.
+    reused. A path with ``PATH.idx``/``PATH.bin`` is a Megatron-LM indexed
+    dataset prefix (:func:`open_prefix`). Anything else is a directory made by
+    ``moe-train prepare-data``; its meta.json decides the split, and
+    ``data_cfg.tokenizer`` must be the tokenizer it was prepared with. Errors
+    are ConfigErrors naming the field.
     """
-    name = data_cfg.dataset
+    name = data_cfg.dataset if name is None else name
     if name in CORPORA:
         tok = build_tokenizer(data_cfg.tokenizer)
         directory, meta = ensure_prepared(name, data_cfg, tok)
     else:
         directory = name
+        for ext in (".idx", ".bin"):  # the prefix given with one of its files' names
+            if name.endswith(ext) and is_prefix(name[:-len(ext)]):
+                name = name[:-len(ext)]
+        if is_prefix(name) and not os.path.isdir(name):
+            try:
+                return open_prefix(name, data_cfg.val_fraction)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"data.dataset ({name!r}): {exc}") from exc
         meta = read_meta(directory) if os.path.isdir(directory) else None
         if meta is None:
             raise ConfigError(f"data.dataset ({name!r}) must be one of: {', '.join(CORPORA)}, "
-                              "or a directory made by `moe-train prepare-data` "
-                              f"(no {os.path.join(name, 'meta.json')} found)")
+                              "a directory made by `moe-train prepare-data` "
+                              f"(no {os.path.join(name, 'meta.json')} found), or a Megatron "
+                              "indexed dataset prefix (PATH for PATH.bin and PATH.idx)")
         if meta.get("format") != FORMAT_VERSION:
             raise ConfigError(f"data.dataset ({name!r}) has meta.json format "
-                              f"{meta.get('format')}; this version reads {FORMAT_VERSION}")
+                              f"{meta.get('format')}; this version reads {FORMAT_VERSION}: "
+                              "prepare it again")
         tok = build_tokenizer(data_cfg.tokenizer)
         if tok.tag != meta["tokenizer_tag"]:
             raise ConfigError(f"data.tokenizer ({data_cfg.tokenizer!r}) is not the tokenizer "

@@ -156,6 +156,10 @@ class Trainer:
 
         # --- input checks, cheapest first, before anything heavy -------------
         self.ckpt_dir = ckpt.find_checkpoint(resume) if resume else None
+        # The data decides model.vocab_size when it is null, so it is read
+        # before the checkpoint's shapes are compared.
+        self.data = self._load_data()
+        self.train_ds = self.data.train
         if self.ckpt_dir is not None:
             saved = ckpt.read_config(self.ckpt_dir)
             ckpt.check_compatible(saved, cfg, self.ckpt_dir)
@@ -163,7 +167,6 @@ class Trainer:
         removed: List[str] = []
         _on_main(topology, lambda: removed.extend(prepare_run_dir(self.run_dir,
                                                                   fresh=self.ckpt_dir is None)))
-        self.train_ds, self.val_ds = self._load_data()
 
         self.log = topology.is_main
         if self.log:
@@ -192,26 +195,24 @@ class Trainer:
             self.start_step = self.engine.load(self.ckpt_dir)
             if self.log:
                 print(f"resumed from {self.ckpt_dir} at step {self.start_step}", flush=True)
-        self.val_data = _val_data(self.val_ds, t) if t.eval_every > 0 else []
+        self.val_data = ({name: _val_data(ds, t) for name, ds in self.data.val.items()}
+                         if t.eval_every > 0 else {})
 
     def _load_data(self):
-        from moe_train.data import check_enough, load_splits
+        from moe_train.data.blend import load_data
+        from moe_train.data.vocab import resolve_vocab_size
 
         cfg = self.cfg
         try:
-            train_ds, val_ds, meta = load_splits(cfg.data)
-            check_enough(train_ds, cfg.train.seq_len, "train")
-            if cfg.train.eval_every > 0:
-                check_enough(val_ds, cfg.train.seq_len, "val")
+            data = load_data(cfg.data, cfg.train.seq_len, cfg.train.eval_every > 0)
         except ConfigError:
             raise
         except (ValueError, OSError) as exc:
             raise InputError(f"data.dataset ({cfg.data.dataset}): {exc}")
-        vocab = int(meta.get("vocab_size", 0))
-        if vocab > cfg.model.vocab_size:
-            raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) must be >= the "
-                              f"tokenizer's vocabulary ({vocab}) of data.dataset")
-        return train_ds, val_ds
+        cfg.model.vocab_size = resolve_vocab_size(
+            cfg.model.vocab_size, data.vocab_size, "data.blend" if cfg.data.blend else
+            "data.dataset")
+        return data
 
     # -- one step -------------------------------------------------------------
 
@@ -276,20 +277,24 @@ class Trainer:
                 "counts": counts, "dropped": [d / n for d in dropped],
                 "grad_norm": grad_norm.detach(), "lr": lr}
 
-    def evaluate(self) -> float:
-        """Mean LM loss (cross-entropy only) over the fixed validation batches,
-        in eval mode, without touching the training RNG streams."""
+    def evaluate(self) -> Dict[str, float]:
+        """Mean LM loss (cross-entropy only) over the fixed validation batches
+        of each blend part (``""`` without a blend), in eval mode, without
+        touching the training RNG streams."""
         model = self.model
         model.eval()
         devices = [self.device] if self.device.type == "cuda" else []
-        total = torch.zeros((), device=self.device)
+        names = list(self.val_data)
+        totals = torch.zeros(len(names), device=self.device)
         with torch.random.fork_rng(devices=devices), torch.no_grad():
-            for batch in self.val_data:
-                batch = batch.to(self.device)
-                with _autocast(self.cfg, self.device):
-                    total += _lm_loss(model(batch[:, :-1]).logits, batch[:, 1:])
+            for i, name in enumerate(names):
+                for batch in self.val_data[name]:
+                    batch = batch.to(self.device)
+                    with _autocast(self.cfg, self.device):
+                        totals[i] += _lm_loss(model(batch[:, :-1]).logits, batch[:, 1:])
+                totals[i] /= max(1, len(self.val_data[name]))
         model.train()
-        return reduce_mean(total / max(1, len(self.val_data)), self.topology).item()
+        return dict(zip(names, reduce_mean(totals, self.topology).tolist()))
 
     def _step_metrics(self, result: Dict[str, Any], counts: List[torch.Tensor],
                       tokens_per_sec: float):
@@ -358,8 +363,11 @@ class Trainer:
                     logger.image("moe/load_heatmap",
                                  load_heatmap([c.cpu().numpy() for c in counts]), done)
                 if is_eval:
-                    val = self.evaluate()
+                    losses = self.evaluate()
+                    # With a blend: one curve per part, and their mix by weight.
+                    val = sum(self.data.weights[n] * v for n, v in losses.items())
                     scalars["val/loss"] = val
+                    scalars.update({f"val/loss/{n}": v for n, v in losses.items() if n})
                     summary["val_loss"] = val
                     progress.write(f"step {done}: val loss {val:.4f}")
                 if scalars:

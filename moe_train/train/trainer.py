@@ -163,6 +163,11 @@ class Trainer:
         if self.ckpt_dir is not None:
             saved = ckpt.read_config(self.ckpt_dir)
             ckpt.check_compatible(saved, cfg, self.ckpt_dir)
+        # train.init_from: weights only (an import or another run), step 0.
+        self.init_dir = None
+        if t.init_from and self.ckpt_dir is None:
+            self.init_dir = ckpt.find_checkpoint(t.init_from)
+            ckpt.check_compatible(ckpt.read_config(self.init_dir), cfg, self.init_dir)
         t.run_dir = self.run_dir = t.run_dir or _default_run_dir(topology)
         removed: List[str] = []
         _on_main(topology, lambda: removed.extend(prepare_run_dir(self.run_dir,
@@ -187,6 +192,10 @@ class Trainer:
             self.model = parallelize(model, topology)
         except ValueError as exc:  # a layout the model cannot be split into; names the fields
             raise ConfigError(str(exc))
+        if self.init_dir is not None:
+            ckpt.read_model_optimizer(self.init_dir, self.model, None, topology)
+            if self.log:
+                print(f"initialised from {self.init_dir}", flush=True)
         # The one engine interface (train/engine.py): native, or DeepSpeed with
         # train.deepspeed_config; same model and math.
         self.engine = build_engine(self.model, cfg, topology, self.accum)

@@ -14,6 +14,7 @@ be pasted into docs/performance.md. The scripts:
   memory         peak memory of the layer vs dense, fresh process per variant
   ep_dispatch    EP=2 on two gloo ranks: all-to-all share, bytes, bandwidth
   train_step     training step tokens/s and MFU, MoE vs dense twin
+  generate       greedy generation tokens/s, KV cache vs recomputing the sequence
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def plan(quick: bool, cuda: bool):
         ("memory", ["memory.py", "--proto"] + q, {}),
         ("ep_dispatch", ["ep_dispatch.py"] + q, {}),
         ("train_step", ["train_step.py"] + q, {}),
+        ("generate", ["generate.py"] + q, {}),
     ]
     if not cuda:
         jobs.insert(1, ("moe_layer_thp", ["moe_layer.py", "--thp", "--no-profile",

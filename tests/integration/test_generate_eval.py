@@ -166,3 +166,22 @@ def test_bad_checkpoint_path_is_one_line_exit_2(tmp_path, capsys, command):
     assert err == f"error: checkpoint path {tmp_path / 'missing'} does not exist\n"
     assert cli.main([command, "--checkpoint", str(tmp_path)] + argv[3:]) == 2
     assert "no checkpoint found in" in capsys.readouterr().err
+
+
+def test_stream_writes_each_token_and_holds_back_half_characters():
+    from moe_train.infer.generate import stream_text
+
+    class Recorder(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.pieces = []
+
+        def write(self, s):
+            self.pieces.append(s)
+            return super().write(s)
+
+    tok = ByteTokenizer()
+    out = Recorder()
+    new = tok.encode("ab日c")  # 日 is 3 bytes: nothing is written for its first two
+    assert stream_text(tok, tok.encode(">"), iter(new), out) == new
+    assert out.pieces == [">", "a", "b", "日", "c", "\n"]

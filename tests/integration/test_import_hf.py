@@ -19,7 +19,7 @@ from moe_train.config import config_from_dict  # noqa: E402
 from moe_train.hf.convert import hf_to_model  # noqa: E402
 from moe_train.hf.importer import import_hf, read_tensors  # noqa: E402
 
-V = 256  # the byte tokenizer's vocabulary, so the import also trains on the bundled corpus
+V = 384  # >= the byte tokenizer (256 bytes + EOD), so the import also trains on the bundled corpus
 COMMON = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
               vocab_size=V, max_position_embeddings=64, rms_norm_eps=1e-6)
 CONFIGS = {

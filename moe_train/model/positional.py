@@ -93,7 +93,10 @@ def _as_scaling(scaling: ScalingLike) -> Optional[RopeScalingConfig]:
 
 def _default_inv_freq(base: float, rotary_dim: int) -> torch.Tensor:
     # theta_i = base^(-2i/r), i = 0..r/2-1; arange in int64 then fp32, like transformers.
-    exponent = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(torch.float32) / rotary_dim
+    # On the CPU even inside a meta-device build: a table, not a parameter
+    # (moved to the input's device on first use).
+    exponent = torch.arange(0, rotary_dim, 2, dtype=torch.int64,
+                            device="cpu").to(torch.float32) / rotary_dim
     return 1.0 / (base ** exponent)
 
 
@@ -111,7 +114,8 @@ def _yarn_inv_freq(base: float, rotary_dim: int, factor: float, original_len: in
     high = min(math.ceil(correction_dim(beta_slow)), rotary_dim - 1)
     if low == high:
         high += 0.001  # the reference's guard against a zero-width ramp
-    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32, device="cpu") - low)
+            / (high - low)).clamp(0, 1)
     extrapolation = 1.0 - ramp                          # 1: keep the frequency, 0: interpolate
     inv_freq = _default_inv_freq(base, rotary_dim)
     return (inv_freq / factor) * (1.0 - extrapolation) + inv_freq * extrapolation

@@ -11,8 +11,10 @@ splits them into ``accum = b / micro_batch_size`` micro-batches whose losses
 are divided by ``accum`` before backward, so the gradient is that of the mean
 loss over the global batch whatever dp and micro_batch_size are.
 
-Parallelism (docs/parallelism.md): every rank builds the whole model from
-``train.seed``, then ``parallelize`` shards it (TP, then EP); after the last
+Parallelism (docs/parallelism.md): every rank builds the model on the meta
+device, ``parallelize`` shards it (TP, then EP) and only this rank's shards
+are materialized, each parameter initialized from (``train.seed``, its
+unsharded name) (:mod:`moe_train.parallel.build`); after the last
 micro-batch ``sync_gradients`` reduces dense gradients over the data-parallel
 group and expert gradients over the expert-data-parallel group, and
 ``clip_grad_norm`` clips by the global norm. Expert-parallel groups sit inside
@@ -50,7 +52,7 @@ import torch.nn.functional as F
 from moe_train.config import Config, ConfigError, save_config
 from moe_train.moe.balancing import update_expert_biases
 from moe_train.moe.routing_noise import keyed_micro_batches
-from moe_train.parallel import parallelize
+from moe_train.parallel.build import build_parallel_model
 from moe_train.parallel.collectives import (broadcast_object, process_group_exists, reduce_mean,
                                              reduce_sum)
 from moe_train.parallel.topology import Topology, destroy_topology, env_world_size, init_topology
@@ -64,7 +66,7 @@ RUN_CONFIG = "config.yaml"
 
 
 # ----------------------------------------------------------------------------
-# Parallelism enters the loop through moe_train.parallel only: parallelize(),
+# Parallelism enters the loop through moe_train.parallel only: build_parallel_model(),
 # the engine (train/engine.py), the collectives of
 # moe_train.parallel.collectives and the checkpoint I/O behind
 # train/checkpoint.py (docs/parallelism.md). This file never imports
@@ -185,11 +187,10 @@ class Trainer:
 
         # --- model, optimizer, schedule --------------------------------------
         _seed_everything(t.seed)
-        from moe_train.model.transformer import build_model
-
-        model = build_model(cfg.model, cfg.moe).to(self.device)
+        # Built on the meta device; only this rank's shards are materialized,
+        # each initialized from (train.seed, its unsharded name).
         try:
-            self.model = parallelize(model, topology)
+            self.model = build_parallel_model(cfg.model, cfg.moe, topology, t.seed, self.device)
         except ValueError as exc:  # a layout the model cannot be split into; names the fields
             raise ConfigError(str(exc))
         if self.init_dir is not None:

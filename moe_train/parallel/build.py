@@ -20,7 +20,7 @@ from torch import nn
 from moe_train.config import ModelConfig, MoEConfig
 from moe_train.model.init import InitSpec, init_specs, init_values, recording_init
 from moe_train.parallel import parallelize
-from moe_train.parallel.expert_parallel import global_param_name, is_expert_param
+from moe_train.parallel.expert_parallel import is_expert_param
 
 META = torch.device("meta")
 
@@ -70,10 +70,11 @@ def materialize(model: nn.Module, specs: Dict[str, InitSpec], seed: int,
                 if p is None:
                     continue
                 if id(p) not in done:
+                    # Names do not change under TP or EP (stacked experts keep
+                    # theirs; the slice is the expert range).
                     name = prefix + pname
-                    gname = global_param_name(model, name)
-                    spec = specs[gname]
-                    values = init_values(spec, seed, gname,
+                    spec = specs[name]
+                    values = init_values(spec, seed, name,
                                          _region(model, name, p, spec.shape, topology))
                     new = nn.Parameter(values.to(device=device, dtype=p.dtype),
                                        requires_grad=p.requires_grad)
@@ -83,8 +84,8 @@ def materialize(model: nn.Module, specs: Dict[str, InitSpec], seed: int,
             for bname, b in list(module._buffers.items()):
                 if b is None or not b.is_meta:
                     continue
-                gname = global_param_name(model, prefix + bname)
-                module._buffers[bname] = init_values(specs[gname], seed, gname).to(
+                name = prefix + bname
+                module._buffers[bname] = init_values(specs[name], seed, name).to(
                     device=device, dtype=b.dtype)
     for mod_name, module in model.named_modules():
         for attr, value in vars(module).items():

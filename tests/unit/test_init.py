@@ -20,7 +20,8 @@ def test_recorded_specs_match_the_eager_init(overrides):
     """The eager build (torch's global generator) draws every parameter from
     the distribution the meta build recorded: constants exactly, normal and
     uniform draws by their moments (4 standard errors)."""
-    cfg = load_config(None, ["model.hidden_size=64", "model.ffn_hidden_size=128"] + overrides)
+    cfg = load_config(None, ["model.vocab_size=256", "model.hidden_size=64",
+                            "model.ffn_hidden_size=128"] + overrides)
     torch.manual_seed(0)
     eager = build_model(cfg.model, cfg.moe)
     meta, specs = build_meta_model(cfg.model, cfg.moe)

@@ -11,11 +11,14 @@ published model.
   character back to the byte's value, and the ByteLevel decoder undoes the
   mapping. So the ids equal :class:`moe_train.data.tokenizer.ByteTokenizer`'s
   for every text.
-- A Hugging Face ``tokenizer.json`` (``data.tokenizer: PATH``) is copied.
-- Either way ``tokenizer_config.json`` names the generic
-  ``PreTrainedTokenizerFast``: otherwise AutoTokenizer would pick the class
-  of the architecture (LlamaTokenizerFast for Mixtral), whose defaults
-  (a BOS token, legacy spacing) do not match the training encoding.
+- A Hugging Face ``tokenizer.json`` (``data.tokenizer: PATH``) is copied,
+  with the ``tokenizer_config.json``, ``special_tokens_map.json`` and
+  ``generation_config.json`` beside it when there are (a model brought in by
+  ``moe-train import`` keeps its own special tokens and eos that way).
+- Otherwise ``tokenizer_config.json`` names the generic
+  ``PreTrainedTokenizerFast``: AutoTokenizer would pick the class of the
+  architecture (LlamaTokenizerFast for Mixtral), whose defaults (a BOS
+  token, legacy spacing) do not match the training encoding.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from moe_train.config import Config
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 
 
 def _bytes_to_unicode() -> Dict[int, str]:
@@ -81,6 +85,12 @@ def write_tokenizer(cfg: Config, directory: str) -> bool:
         if source is None:
             return False
         shutil.copyfile(source, os.path.join(directory, TOKENIZER_FILE))
+        for name in (TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE, GENERATION_CONFIG_FILE):
+            sibling = os.path.join(os.path.dirname(source), name)
+            if os.path.isfile(sibling):
+                shutil.copyfile(sibling, os.path.join(directory, name))
+        if os.path.isfile(os.path.join(directory, TOKENIZER_CONFIG_FILE)):
+            return True
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast",
                         "model_max_length": cfg.model.max_seq_len,
                         "clean_up_tokenization_spaces": False}
@@ -113,7 +123,8 @@ def write_export_files(cfg: Config, directory: str) -> None:
     """Tokenizer files, ``generation_config.json`` and permissions of an
     export being written in ``directory`` (call last, after the weights)."""
     write_tokenizer(cfg, directory)
-    with open(os.path.join(directory, GENERATION_CONFIG_FILE), "w") as fh:
-        json.dump(generation_config(cfg), fh, indent=2)
-        fh.write("\n")
+    if not os.path.isfile(os.path.join(directory, GENERATION_CONFIG_FILE)):
+        with open(os.path.join(directory, GENERATION_CONFIG_FILE), "w") as fh:
+            json.dump(generation_config(cfg), fh, indent=2)
+            fh.write("\n")
     set_permissions(directory)

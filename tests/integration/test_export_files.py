@@ -81,3 +81,20 @@ def test_a_local_tokenizer_json_gives_the_training_ids_too(tmp_path):
     auto = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
     for text in TEXTS[::3]:
         assert auto(text)["input_ids"] == ours.encode(text), text
+
+
+def test_the_tokenizers_own_config_files_travel_with_it(tmp_path):
+    from moe_train.train.export_files import byte_tokenizer_json
+
+    src = tmp_path / "imported"
+    src.mkdir()
+    (src / "tokenizer.json").write_text(byte_tokenizer_json())
+    (src / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast", '
+                                               '"eos_token": "A"}')
+    (src / "generation_config.json").write_text('{"eos_token_id": 65, "max_length": 20}')
+    cfg = tiny_cfg([f"data.tokenizer={src / 'tokenizer.json'}", "model.vocab_size=256"])
+    out = export_hf(randomized_model(cfg), cfg, str(tmp_path / "hf"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "hf" / name).read_text() == (src / name).read_text(), name
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == 65
+    assert transformers.AutoTokenizer.from_pretrained(out).eos_token == "A"

@@ -226,6 +226,8 @@ class DataConfig:
     """Where prepared token files of the built-in corpora are cached; null means ~/.cache/moe_train."""
     blend: Optional[List[BlendPart]] = None
     """Weighted mix of datasets (list of {path, weight, name}); set, it replaces data.dataset."""
+    document_mask: bool = False
+    """Attend within a document only (Megatron's --reset-attention-mask); needs end-of-document ids."""
 
 
 @dataclass

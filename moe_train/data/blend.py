@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -107,12 +107,14 @@ class TrainData:
     ``train`` is a TokenDataset or a :class:`Blend`; ``val`` maps each part's
     name to its validation split (one entry, named ``""``, without a blend);
     ``weights`` the parts' normalized weights; ``vocab_size`` the largest
-    tokenizer vocabulary among the parts."""
+    tokenizer vocabulary among the parts; ``eod_id`` the end-of-document id
+    (None when a part does not record one: a bare Megatron prefix)."""
 
     train: object
     val: Dict[str, TokenDataset]
     weights: Dict[str, float]
     vocab_size: int
+    eod_id: Optional[int] = None
 
 
 def part_name(part) -> str:
@@ -129,7 +131,8 @@ def load_data(data_cfg: DataConfig, seq_len: int, need_val: bool) -> TrainData:
         check_enough(train, seq_len, "train")
         if need_val:
             check_enough(val, seq_len, "val")
-        return TrainData(train, {"": val}, {"": 1.0}, int(meta.get("vocab_size") or 0))
+        return TrainData(train, {"": val}, {"": 1.0}, int(meta.get("vocab_size") or 0),
+                         meta.get("eod_id"))
     names, trains, vals, metas = [], [], {}, []
     for i, part in enumerate(data_cfg.blend):
         field = f"data.blend[{i}].path"
@@ -153,5 +156,6 @@ def load_data(data_cfg: DataConfig, seq_len: int, need_val: bool) -> TrainData:
     total = sum(p.weight for p in data_cfg.blend)
     weights = {n: p.weight / total for n, p in zip(names, data_cfg.blend)}
     vocab = max(int(m.get("vocab_size") or 0) for m in metas)
+    eods = {m.get("eod_id") for m in metas}
     return TrainData(Blend(names, [p.weight for p in data_cfg.blend], trains), vals, weights,
-                     vocab)
+                     vocab, eods.pop() if len(eods) == 1 else None)

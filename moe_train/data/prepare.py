@@ -83,7 +83,10 @@ def _tokenize_block(block: Block, tok: Optional[Tokenizer] = None,
     opts = opts or _WORKER["opts"]
     docs = block_documents(block, opts)
     ends = block.doc_end or block.kind != "txt" or opts.split_lines
-    return tok.encode_docs(docs) if docs else [], ends, block.nbytes
+    # The smallest dtype that holds the ids: less to send back from a worker.
+    dtype = token_dtype(tok.vocab_size)
+    arrays = [a.astype(dtype, copy=False) for a in tok.encode_docs(docs)] if docs else []
+    return arrays, ends, block.nbytes
 
 
 def _tokenized(blocks: Iterator[Block], tok: Tokenizer, tokenizer_spec: str,

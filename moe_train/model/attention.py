@@ -27,6 +27,7 @@ from torch import nn
 
 from moe_train.config import ModelConfig, check_choice
 from moe_train.model.norm import RMSNorm
+from moe_train.model.document_mask import document_bias
 from moe_train.model.positional import RotaryEmbedding, alibi_bias, alibi_slopes
 
 
@@ -138,14 +139,19 @@ class Attention(nn.Module):
         return _project(self.wo, y_BHSd.transpose(1, 2).reshape(B, S, H * d))
 
     def forward(self, x_BSD: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                cache=None) -> torch.Tensor:
+                cache=None, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``x [B, S, D] -> [B, S, D]``; ``positions`` ``[S]`` or ``[B, S]``
         (default ``arange(S)``, after the cached ones) only matter for RoPE.
         ``cache``: a :class:`~moe_train.model.kv_cache.LayerKVCache` for
-        incremental decoding; the S tokens follow the cached ones."""
+        incremental decoding; the S tokens follow the cached ones.
+        ``document_ids`` ``[B, S]``: attend within a document only
+        (:mod:`moe_train.model.document_mask`)."""
         q, k, v = self._qkv(x_BSD, positions, cache)
         if cache is None:
             bias, causal = self.attn_bias(x_BSD.shape[1], x_BSD.device), True
+            if document_ids is not None:
+                docs = document_bias(document_ids)  # [B, 1, S, S], causal included
+                bias = docs if bias is None else bias + docs
         else:
             bias, causal = cache.attn_bias(self, x_BSD.shape[1], x_BSD.device), False
         if bias is None:

@@ -82,10 +82,12 @@ class Block(nn.Module):
         nn.init.normal_(self.attn.wo.weight, std=output_std)
 
     def forward(self, x_BSD: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                cache=None) -> Tuple[torch.Tensor, Optional[MoEOutput]]:
+                cache=None, document_ids: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, Optional[MoEOutput]]:
         """Returns the new residual stream and the MoEOutput (None for a dense
-        block). ``cache``: this block's LayerKVCache, when decoding."""
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions, cache)
+        block). ``cache``: this block's LayerKVCache, when decoding;
+        ``document_ids``: attention within documents only."""
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions, cache, document_ids)
         h_BSD = self.ffn_norm(x_BSD)
         if self.is_moe:
             moe_out = self.ffn(h_BSD, positions)
@@ -124,11 +126,13 @@ class Transformer(nn.Module):
         return [b for b in self.blocks if b.is_moe]
 
     def forward(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                cache=None) -> ModelOutput:
+                cache=None, document_ids: Optional[torch.Tensor] = None) -> ModelOutput:
         """``input_ids [B,S]`` (``positions`` ``[S]`` or ``[B,S]``, default
         ``arange(S)``, used by RoPE) -> :class:`ModelOutput`. With ``cache``
         (a :class:`~moe_train.model.kv_cache.KVCache`) the S tokens follow the
-        cached ones (default positions ``cache.length + arange(S)``)."""
+        cached ones (default positions ``cache.length + arange(S)``).
+        ``document_ids [B,S]`` (:func:`moe_train.model.document_mask.document_ids`)
+        limits attention to within each document."""
         B, S = input_ids.shape
         if positions is None:
             start = cache.length if cache is not None else 0
@@ -138,7 +142,8 @@ class Transformer(nn.Module):
         losses: Dict[str, torch.Tensor] = {}
         moe_stats: List[Dict[str, torch.Tensor]] = []
         for i, block in enumerate(self.blocks):
-            x_BSD, moe_out = block(x_BSD, positions, None if cache is None else cache.layers[i])
+            x_BSD, moe_out = block(x_BSD, positions, None if cache is None else cache.layers[i],
+                                   document_ids)
             if moe_out is not None:
                 aux_loss = aux_loss + moe_out.aux_loss
                 for name, value in moe_out.losses.items():

@@ -40,9 +40,10 @@ class Engine(abc.ABC):
     optimizer: torch.optim.Optimizer
     scheduler: Any
 
-    def __call__(self, inputs: torch.Tensor):
-        """Forward of one micro-batch (the model's output object)."""
-        return self.model(inputs)
+    def __call__(self, inputs: torch.Tensor, **kwargs):
+        """Forward of one micro-batch (the model's output object); ``kwargs``
+        go to the model (``document_ids``)."""
+        return self.model(inputs, **kwargs)
 
     @property
     def lr(self) -> float:

@@ -173,8 +173,8 @@ class DeepSpeedEngine(Engine):
         self.optimizer, self.scheduler = self.ds.optimizer, self.ds.lr_scheduler
         self.max_norm = _take_over_clipping(self.ds)
 
-    def __call__(self, inputs: torch.Tensor):
-        return self.ds(inputs)
+    def __call__(self, inputs: torch.Tensor, **kwargs):
+        return self.ds(inputs, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
         # DeepSpeed divides by the accumulation steps itself and reduces at the

@@ -222,7 +222,19 @@ class Trainer:
         cfg.model.vocab_size = resolve_vocab_size(
             cfg.model.vocab_size, data.vocab_size, "data.blend" if cfg.data.blend else
             "data.dataset")
+        if cfg.data.document_mask and data.eod_id is None:
+            raise ConfigError("data.document_mask needs end-of-document ids, and data.dataset "
+                              "records none (a bare Megatron prefix); prepare the data with "
+                              "moe-train prepare-data or set data.document_mask=false")
         return data
+
+    def _model_kwargs(self, inputs: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``document_ids`` for the model when data.document_mask is on."""
+        if not self.cfg.data.document_mask:
+            return {}
+        from moe_train.model.document_mask import document_ids
+
+        return {"document_ids": document_ids(inputs, self.data.eod_id)}
 
     # -- one step -------------------------------------------------------------
 
@@ -255,7 +267,7 @@ class Trainer:
             micro = micro.to(device, non_blocking=True)
             inputs, targets = micro[:, :-1], micro[:, 1:]
             with _autocast(self.cfg, device):
-                out = engine(inputs)
+                out = engine(inputs, **self._model_kwargs(inputs))
                 lm = _lm_loss(out.logits, targets)
                 loss = lm + out.aux_loss
             engine.backward(loss)
@@ -301,7 +313,9 @@ class Trainer:
                 for batch in self.val_data[name]:
                     batch = batch.to(self.device)
                     with _autocast(self.cfg, self.device):
-                        totals[i] += _lm_loss(model(batch[:, :-1]).logits, batch[:, 1:])
+                        inputs = batch[:, :-1]
+                        logits = model(inputs, **self._model_kwargs(inputs)).logits
+                        totals[i] += _lm_loss(logits, batch[:, 1:])
                 totals[i] /= max(1, len(self.val_data[name]))
         model.train()
         return dict(zip(names, reduce_mean(totals, self.topology).tolist()))

@@ -1,5 +1,5 @@
 """Training on real-data inputs: a dataset written by megatron-core's own
-builder trains as it is; a blend resumes exactly and logs val/loss/<name>
+builder trains as it is; a blend (with data.document_mask) resumes exactly and logs val/loss/<name>
 per part; model.vocab_size is inferred from the data and rounded; a too
 small one is refused with one line."""
 import json
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from moe_train.cli import main as cli_main
-from moe_train.config import load_config
+from moe_train.config import ConfigError, load_config
 from moe_train.data import prepare
 from moe_train.train.trainer import train
 
@@ -53,6 +53,10 @@ def test_megatron_core_builder_dataset_trains(tmp_path):
     saved = load_config(os.path.join(cfg.train.run_dir, "config.yaml"))
     # Largest id 499 -> vocabulary 500 -> rounded up to 512.
     assert saved.model.vocab_size == 512
+    # Megatron's files record no end-of-document id: the mask cannot be built.
+    cfg.data.document_mask = True
+    with pytest.raises(ConfigError, match=r"data\.document_mask needs end-of-document ids"):
+        train(cfg)
 
 
 def test_blend_resumes_exactly_and_logs_each_part(tmp_path):
@@ -63,8 +67,10 @@ def test_blend_resumes_exactly_and_logs_each_part(tmp_path):
     prepare([text_corpus(tmp_path / "b.jsonl", 1, ["one", "two", "three", "four", "five"])],
             str(b), "byte", 0.2)
     blend = f"data.blend=[{{path: {a}, weight: 3}}, {{path: {b}, weight: 1, name: numbers}}]"
+    # document_mask on: the window's documents attend apart (the per-document
+    # reference is tests/unit/test_document_mask.py).
     overrides = TINY + [blend, "train.max_steps=4", "train.eval_every=2", "train.save_every=2",
-                        "moe.jitter_eps=0.1"]
+                        "moe.jitter_eps=0.1", "data.document_mask=true"]
     straight = load_config(None, overrides)
     straight.train.run_dir = str(tmp_path / "straight")
     train(straight)

@@ -136,7 +136,7 @@ def load_elsewhere(rank, world, root, layout):
     trainer = make_trainer(config(os.path.join(root, layout), ep, 6,
                                   [f"parallel.tensor_parallel_size={tp}"]),
                            resume=os.path.join(root, "straight", "checkpoints", "step_3"))
-    out = {"start_step": trainer.start_step, "val_loss": trainer.evaluate(),
+    out = {"start_step": trainer.start_step, "val_loss": trainer.evaluate()[""],
            "state": local_state(trainer.model, trainer.engine.optimizer, trainer.topology)}
     out["summary"] = trainer.fit()
     return out

@@ -45,13 +45,13 @@ def _common_names(model: nn.Module) -> List[Tuple[str, str]]:
     return pairs
 
 
-def _take(tensors: Dict[str, torch.Tensor], name: str) -> torch.Tensor:
+def _take(tensors, name: str) -> torch.Tensor:
     if name not in tensors:
         raise ConversionError(f"weights have no tensor {name}")
     return tensors.pop(name)
 
 
-def _read_experts(tensors: Dict[str, torch.Tensor], layer: int, model_type: str,
+def _read_experts(tensors, layer: int, model_type: str,
                   num_experts: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     prefix, (g, u, d) = FFN_NAMES[model_type]
     base = f"model.layers.{layer}.{prefix}.experts."
@@ -65,16 +65,18 @@ def _read_experts(tensors: Dict[str, torch.Tensor], layer: int, model_type: str,
 
 
 @torch.no_grad()
-def hf_to_model(tensors: Dict[str, torch.Tensor], model: nn.Module, model_type: str,
-                upcycle: bool = False) -> None:
-    """Copy HF ``tensors`` (consumed: the dict is emptied) into ``model``.
+def hf_to_model(tensors, model: nn.Module, model_type: str, upcycle: bool = False) -> None:
+    """Copy HF ``tensors`` into ``model``: a dict (copied, left as it was) or
+    anything with ``in``, ``pop``, ``len`` and iteration that hands each
+    tensor over once (:class:`moe_train.hf.importer.LazyTensors`).
 
     ``upcycle``: ``model_type`` is dense; each MoE block's experts all become
     copies of that layer's dense MLP (sparse upcycling, Komatsuzaki et al.
     2022) and its router keeps the model's random init. Raises
     :class:`ConversionError` for a missing, misshapen or unused tensor.
     """
-    tensors = dict(tensors)
+    if isinstance(tensors, dict):
+        tensors = dict(tensors)
     params = dict(model.named_parameters())
     assigned = set()
 

@@ -72,16 +72,34 @@ def weight_files(hf_dir: str) -> List[str]:
                            "(import reads safetensors checkpoints)")
 
 
-def read_tensors(files: Sequence[str]) -> Dict[str, torch.Tensor]:
-    """Every tensor of ``files`` in fp32 (moe_train keeps fp32 master weights)."""
-    from safetensors import safe_open
+class LazyTensors:
+    """The tensors of some safetensors files by name, each read (as fp32, the
+    master-weight dtype) only when :meth:`pop` takes it, so an import holds
+    the model plus one layer's tensors, not a second copy of the checkpoint."""
 
-    out: Dict[str, torch.Tensor] = {}
-    for path in files:
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                out[name] = f.get_tensor(name).float()
-    return out
+    def __init__(self, files: Sequence[str]):
+        from safetensors import safe_open
+
+        self._files = {path: safe_open(path, framework="pt") for path in files}
+        self._where = {name: path for path, f in self._files.items() for name in f.keys()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def __iter__(self):
+        return iter(sorted(self._where))
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def pop(self, name: str) -> torch.Tensor:
+        return self._files[self._where.pop(name)].get_tensor(name).float()
+
+
+def read_tensors(files: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """Every tensor of ``files`` in fp32, read at once (tests, small models)."""
+    lazy = LazyTensors(files)
+    return {name: lazy.pop(name) for name in list(lazy)}
 
 
 def resolve_config(hf: Dict, upcycle_experts: Optional[int], overrides: Sequence[str],
@@ -143,7 +161,7 @@ def import_hf(hf_dir: str, output: str, overrides: Sequence[str] = (),
     torch.manual_seed(cfg.train.seed)  # the upcycled routers' random init
     model = build_model(cfg.model, cfg.moe)
     try:
-        hf_to_model(read_tensors(files), model, hf["model_type"], upcycle=upcycle_experts is not None)
+        hf_to_model(LazyTensors(files), model, hf["model_type"], upcycle=upcycle_experts is not None)
     except ConversionError as exc:
         raise ImportInputError(f"{hf_dir}: {exc}")
 

@@ -179,6 +179,17 @@ def test_bad_input_is_one_line_exit_2(hf_dirs, tmp_path, capsys):
     code, err = _run(["--hf", str(broken), "--output", str(tmp_path / "o")], capsys)
     assert code == 2 and "model-00002-of-00002.safetensors" in err and "\n" not in err
 
+    from safetensors.torch import save_file
+
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "config.json").write_text(open(os.path.join(hf_dirs["mixtral"], "config.json")).read())
+    tensors = read_tensors([os.path.join(hf_dirs["mixtral"], "model.safetensors")])
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(short / "model.safetensors"), metadata={"format": "pt"})
+    code, err = _run(["--hf", str(short), "--output", str(tmp_path / "o")], capsys)
+    assert code == 2 and "no tensor model.norm.weight" in err and "\n" not in err
+
     code, err = _run(["--hf", hf_dirs["llama"], "--upcycle-experts", "1",
                       "--output", str(tmp_path / "o")], capsys)
     assert code == 2 and "--upcycle-experts (1) must be >= 2" in err

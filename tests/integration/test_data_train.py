@@ -101,3 +101,21 @@ def test_too_small_vocab_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "model.vocab_size (256) must be >= the tokenizer's vocabulary (257)" in err
+
+
+def test_bad_data_config_is_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "corpus.idx").write_bytes(b"MMIDIDX\x00\x00")
+    cases = [
+        ([f"data.dataset={tmp_path / 'corpus'}"], ["corpus.idx has no", "corpus.bin"]),
+        (["data.blend=[{path: stdlib, weight: 1}, {path: shakespeare, weight: -0.5}]"],
+         ["data.blend[1].weight (-0.5) must be > 0"]),
+        (["data.blend=[{path: stdlib, weight: 0}]"], ["data.blend[0].weight (0.0) must be > 0"]),
+        (["data.tokenizer=/no/such/tokenizer.json"], ["data.tokenizer", "not found"]),
+    ]
+    for sets, words in cases:
+        code = cli_main(["train", "--run-dir", str(tmp_path / "r"),
+                         *[x for o in TINY + sets for x in ("--set", o)]])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and err.startswith("error:"), (sets, err)
+        for w in words:
+            assert w in err, (w, err)

@@ -293,3 +293,28 @@ def test_idx_without_bin_names_the_file(tmp_path):
     (tmp_path / "ds.idx").write_bytes(b"MMIDIDX\x00\x00")
     with pytest.raises(ConfigError, match=r"data\.dataset .*ds\.idx has no .*ds\.bin"):
         load_splits(DataConfig(dataset=str(prefix)))
+
+
+def test_a_document_without_newlines_is_cut_between_characters(tmp_path):
+    from moe_train.data.sources import _utf8_cut
+
+    text = "ab—東京🙂é" * 50  # 1- to 4-byte characters, no newline anywhere
+    data = text.encode("utf-8")
+    for end in range(1, 60):
+        cut = _utf8_cut(data[:end])
+        data[:cut].decode("utf-8")  # strict: no half character before the cut
+        assert end - 3 <= cut <= end
+    # Through prepare with tiny blocks: the byte ids are exactly the file's bytes.
+    doc = tmp_path / "one-line.txt"
+    doc.write_bytes(data)
+    out = str(tmp_path / "out")
+    prepare([str(doc)], out, "byte", 0.1, block_bytes=7)
+    train, val, _ = splits(out)
+    assert bytes(train[:-1] + val[:-1]) == data
+
+
+def test_corrupt_gzip_names_the_file(tmp_path):
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(gzip.compress(b'{"text": "hello"}\n' * 100)[:40])
+    with pytest.raises(ValueError, match=r"bad\.jsonl\.gz: not a valid gzip file"):
+        prepare([str(bad)], str(tmp_path / "out"), "byte", 0.1)

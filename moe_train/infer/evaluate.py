@@ -124,7 +124,8 @@ def data_batches(data: str, cfg, tokenizer, max_tokens: Optional[int]) -> List[t
             _, val_ds, _ = load_splits(dataclasses.replace(cfg.data, dataset=data))
         except (ValueError, OSError) as exc:
             raise _data_error(f"--data {data}", exc)
-        tokens = val_ds.tokens
+        # Slicing is the dataset interface (a memmap reads only what is asked for).
+        tokens = val_ds[0:len(val_ds) if max_tokens is None else min(len(val_ds), max_tokens)]
     else:
         raise UsageError(f"--data {data} does not exist (a text file, a dataset directory "
                          f"made by `moe-train prepare-data`, or one of: {', '.join(CORPORA)})")

@@ -79,6 +79,21 @@ def test_eval_on_a_text_file_predicts_every_token_once(trained_run, tmp_path):
     assert rc == 0 and json.loads(out)["tokens"] == len(text) - 1
 
 
+def test_eval_on_a_dataset_takes_its_validation_split(trained_run, tmp_path):
+    from moe_train.data import load_splits
+
+    rc, out = run_main(evaluate, ["--checkpoint", trained_run, "--data", "shakespeare",
+                                  "--max-tokens", "100", "--json"])
+    got = json.loads(out)
+    assert rc == 0 and got["tokens"] == got["bytes"] == 99 and got["data"] == "shakespeare"
+    # The split's first 100 bytes as a text file give the same windows, the same loss.
+    _, val, _ = load_splits(load_config(None, TINY).data)
+    path = tmp_path / "val100.txt"
+    path.write_bytes(bytes(val[0:100].tolist()))
+    rc, out = run_main(evaluate, ["--checkpoint", trained_run, "--data", str(path), "--json"])
+    assert rc == 0 and json.loads(out)["loss"] == got["loss"]
+
+
 @pytest.fixture(scope="module")
 def random_run(tmp_path_factory):
     """A checkpoint of a model with O(1) random weights (decisive argmaxes,

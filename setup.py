@@ -13,6 +13,8 @@ setup(
         "pyyaml",
         "tqdm",
         "tensorboard",
+        "matplotlib",
+        "psutil",
         "safetensors",
         "tokenizers",
         "megatron-core",

@@ -29,17 +29,39 @@ class _LauncherArgs(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _add_launcher_options(p) -> None:
+    p.add_argument("--deepspeed_config", metavar="JSON",
+                   help="DeepSpeed JSON config: the DeepSpeed engine trains (same as "
+                        "--set train.deepspeed_config=JSON)")
+    p.add_argument("--deepspeed", action="store_true",
+                   help="accepted with --deepspeed_config, as DeepSpeed scripts pass it")
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", metavar="N",
+                   help="set by the deepspeed launcher; dropped (LOCAL_RANK says the same)")
+
+
 def launcher_args(argv: List[str]):
     """``(options, rest)``: --local_rank / --deepspeed_config / --deepspeed
     taken out of ``argv``, the rest left for ``train_main``."""
     p = _LauncherArgs(add_help=False, allow_abbrev=False)
-    p.add_argument("--local_rank", "--local-rank", dest="local_rank")
-    p.add_argument("--deepspeed_config", metavar="JSON")
-    p.add_argument("--deepspeed", action="store_true")
+    _add_launcher_options(p)
     return p.parse_known_args(argv)
 
 
+def print_help() -> None:
+    """The training options followed by the launcher options."""
+    from moe_train.cli import train_parser
+
+    p = train_parser("launch/train.py")
+    p.description = ("Train a Mixture-of-Experts language model under torchrun, the deepspeed "
+                     "launcher, or as one process.")
+    _add_launcher_options(p.add_argument_group("launcher options"))
+    p.print_help()
+
+
 def main() -> int:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print_help()
+        return 0
     args, argv = launcher_args(sys.argv[1:])
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", args.local_rank)

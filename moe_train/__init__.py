@@ -1,6 +1,10 @@
 """moe_train: Mixture-of-Experts language model training."""
 
+from moe_train.console import quiet_known_warnings as _quiet_known_warnings
+
 __version__ = "0.1.0"
+
+_quiet_known_warnings()
 
 
 def load_model(path):

@@ -274,6 +274,9 @@ class TrainConfig:
     """Checkpoints kept."""
     heatmap_every: int = 50
     """Steps between the layers x experts load heatmap image."""
+    peak_tflops: Optional[float] = None
+    """Peak TFLOP/s of one device, for perf/mfu; null: known CUDA GPUs' data
+    sheet value, and no MFU elsewhere (CPU)."""
     deepspeed_config: Optional[str] = None
     """Path of a DeepSpeed JSON config; set means the DeepSpeed engine trains."""
     init_from: Optional[str] = None
@@ -436,6 +439,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(t.save_every >= 0, f"train.save_every ({t.save_every}) must be >= 0")
     _check(t.eval_every >= 0, f"train.eval_every ({t.eval_every}) must be >= 0")
     _check(t.heatmap_every >= 0, f"train.heatmap_every ({t.heatmap_every}) must be >= 0")
+    _check(t.peak_tflops is None or t.peak_tflops > 0,
+           f"train.peak_tflops ({t.peak_tflops}) must be > 0, or null")
     _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction ({d.val_fraction}) must be in (0, 1)")
     names = set()
     for i, part in enumerate(d.blend or []):

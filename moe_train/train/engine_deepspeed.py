@@ -153,8 +153,11 @@ class DeepSpeedEngine(Engine):
         if not process_group_exists():
             # DeepSpeed needs a process group even for one process.
             init_single_process_group(cfg.parallel.backend)
-        deepspeed.init_distributed(dist_backend=cfg.parallel.backend or None,
-                                   dist_init_required=False)
+        from moe_train.console import deepspeed_comm_op_notice
+
+        with deepspeed_comm_op_notice(topology.is_main):
+            deepspeed.init_distributed(dist_backend=cfg.parallel.backend or None,
+                                       dist_init_required=False)
         group_name = create_expert_groups(topology)
         mark_expert_params(model, group_name)
 

@@ -1,28 +1,26 @@
-"""The layers x experts load heatmap, as an RGB image built with numpy only.
+"""The layers x experts load heatmap, drawn with matplotlib (Agg, no display).
 
-Each row is one MoE layer, each column one expert. A cell's value is that
-expert's share of the layer's routed tokens times the number of experts, so
-1.0 means perfectly balanced. The colour scale is fixed (0 -> dark blue,
-1 -> green, >= 2 -> yellow) rather than normalised per image, so images from
-different steps can be compared by eye.
+Each row is one MoE layer (MoE layers counted from 0, top = first), each
+column one expert. A cell's value is that expert's tokens over the layer's
+mean tokens per expert, so 1.0 is perfect balance. The colour scale is
+diverging and fixed, centred at 1 (white): blue below the mean (darkest at 0,
+an expert that got nothing), red above it (darkest at 2 or more, an expert
+with at least twice the mean). Fixed rather than per image, so images of
+different steps compare by eye. With at most 16 experts each cell also
+prints its value.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
-# Viridis-like anchors: (value, RGB). Values between anchors are interpolated.
-_ANCHORS = np.array([0.0, 0.5, 1.0, 1.5, 2.0])
-_COLOURS = np.array([
-    [68, 1, 84],      # 0: nothing routed here
-    [59, 82, 139],
-    [33, 145, 140],   # 1: exactly the mean load
-    [94, 201, 98],
-    [253, 231, 37],   # >= 2: twice the mean or more
-], dtype=np.float64)
-
-SCALE_MAX = float(_ANCHORS[-1])
+# The diverging scale: value -> colour. 1.0 (balanced) is the white middle.
+COLORMAP = "RdBu_r"
+SCALE_MIN, SCALE_CENTRE, SCALE_MAX = 0.0, 1.0, 2.0
+# Cells print their values up to this many experts; beyond it text would not fit.
+ANNOTATE_MAX_EXPERTS = 16
+DPI = 100
 
 
 def normalised_load(tokens_per_expert: Sequence[np.ndarray]) -> np.ndarray:
@@ -36,15 +34,55 @@ def normalised_load(tokens_per_expert: Sequence[np.ndarray]) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, 0))
 
 
-def colourise(values: np.ndarray) -> np.ndarray:
-    """Map a 2-d float array to uint8 RGB [H, W, 3] on the fixed scale."""
-    v = np.clip(values, 0.0, SCALE_MAX)
-    channels = [np.interp(v, _ANCHORS, _COLOURS[:, c]) for c in range(3)]
-    return np.stack(channels, axis=-1).round().astype(np.uint8)
+def colour_norm():
+    """The fixed diverging normalisation: 0 -> 0.0, 1 -> 0.5, 2 -> 1.0."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    return TwoSlopeNorm(vmin=SCALE_MIN, vcenter=SCALE_CENTRE, vmax=SCALE_MAX)
 
 
-def load_heatmap(tokens_per_expert: Sequence[np.ndarray], cell: int = 16) -> np.ndarray:
-    """RGB image [layers*cell, experts*cell, 3] uint8 of the normalised load;
-    each (layer, expert) cell is a ``cell`` x ``cell`` block of one colour."""
-    rgb = colourise(normalised_load(tokens_per_expert))
-    return np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)
+def draw_load_heatmap(tokens_per_expert: Sequence[np.ndarray], step: Optional[int] = None):
+    """A matplotlib ``Figure`` (Agg canvas, not registered with pyplot) of the
+    normalised load; its one image axes is ``figure.axes[0]``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    load = normalised_load(tokens_per_expert)
+    layers, experts = load.shape
+    # 640 to 1600 px wide (TensorBoard shows images at their own size): cells
+    # near square up to ~28 experts, narrower beyond so the image stays on screen.
+    width = min(16.0, max(6.4, 0.5 * experts + 2.2))
+    height = min(12.0, max(2.6, 0.45 * layers + 1.6))
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    im = ax.imshow(load, cmap=COLORMAP, norm=colour_norm(), aspect="auto",
+                   interpolation="nearest")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=min(experts, 32), integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=min(layers, 24), integer=True))
+    title = "expert load / layer mean (1 = balanced)"
+    ax.set_title(title if step is None else f"{title}, step {step}")
+    bar = fig.colorbar(im, ax=ax, extend="max", fraction=0.05, pad=0.02)
+    bar.set_label("load / mean")
+    if experts <= ANNOTATE_MAX_EXPERTS:
+        for (row, col), value in np.ndenumerate(load):
+            # Dark cells (far from 1) get white text.
+            dark = abs(min(value, SCALE_MAX) - SCALE_CENTRE) > 0.6
+            ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if dark else "black")
+    return fig
+
+
+def figure_to_rgb(fig) -> np.ndarray:
+    """Render a figure to a uint8 RGB array [H, W, 3]."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def load_heatmap(tokens_per_expert: Sequence[np.ndarray], step: Optional[int] = None) -> np.ndarray:
+    """RGB image [H, W, 3] uint8 of :func:`draw_load_heatmap` (>= 640 px wide),
+    for ``SummaryWriter.add_image(..., dataformats="HWC")``."""
+    return figure_to_rgb(draw_load_heatmap(tokens_per_expert, step))

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_train.config import Config, ConfigError, save_config
+from moe_train.console import fmt
 from moe_train.moe.balancing import update_expert_biases
 from moe_train.moe.routing_noise import keyed_micro_batches
 from moe_train.parallel.build import build_parallel_model
@@ -59,8 +60,10 @@ from moe_train.parallel.topology import Topology, destroy_topology, env_world_si
 from moe_train.train import InputError
 from moe_train.train import checkpoint as ckpt
 from moe_train.train.engine import build_engine, check_engine_config
+from moe_train.train.flops import PerfMeter
 from moe_train.train.heatmap import load_heatmap
-from moe_train.train.metrics import METRICS_FILE, TB_DIR, MetricsLogger, Progress, moe_layer_metrics
+from moe_train.train.metrics import (METRICS_FILE, TB_DIR, MetricsLogger, Progress, can_drop,
+                                     moe_layer_metrics, tensorboard_layout)
 
 RUN_CONFIG = "config.yaml"
 
@@ -321,7 +324,7 @@ class Trainer:
         return dict(zip(names, reduce_mean(totals, self.topology).tolist()))
 
     def _step_metrics(self, result: Dict[str, Any], counts: List[torch.Tensor],
-                      tokens_per_sec: float):
+                      perf: Dict[str, float]):
         """The scalars and histograms of a logged step (averaged over the
         data-parallel ranks; ``counts`` already summed over them)."""
         named = result["named"]
@@ -331,11 +334,11 @@ class Trainer:
             [result["lm"], result["aux"]] + [named[k] for k in names] + result["dropped"]),
             self.topology).tolist()
         lm, aux = packed[0], packed[1]
-        scalars = {"train/loss": lm + aux, "train/lm_loss": lm, "train/aux_loss": aux}
+        scalars = {"loss/train": lm + aux, "train/lm_loss": lm, "train/aux_loss": aux}
         scalars.update({f"train/{k}": packed[2 + i] for i, k in enumerate(names)})
-        scalars.update({"train/lr": result["lr"], "train/grad_norm": result["grad_norm"].item(),
-                        "train/tokens_per_sec": tokens_per_sec})
-        scalars.update(moe_layer_metrics(counts, packed[2 + len(names):]))
+        scalars.update({"train/lr": result["lr"], "train/grad_norm": result["grad_norm"].item()})
+        scalars.update(perf)
+        scalars.update(moe_layer_metrics(counts, packed[2 + len(names):], can_drop(self.cfg.moe)))
         histograms = {f"moe/layer_{i}/tokens_per_expert": c.long() for i, c in enumerate(counts)}
         return scalars, histograms
 
@@ -346,7 +349,9 @@ class Trainer:
         t, topo = self.cfg.train, self.topology
         resumed = self.ckpt_dir is not None
         logger = MetricsLogger(self.run_dir, enabled=self.log,
-                               resume_step=self.start_step if resumed else None)
+                               resume_step=self.start_step if resumed else None,
+                               layout=tensorboard_layout(can_drop(self.cfg.moe)))
+        perf = PerfMeter.for_run(self.cfg, topo)
         progress = Progress(t.max_steps, self.start_step, enabled=self.log)
         tokens_per_step = t.global_batch_size * t.seq_len
         summary: Dict[str, Any] = {"run_dir": self.run_dir, "start_step": self.start_step,
@@ -378,26 +383,30 @@ class Trainer:
                 if is_log:
                     tps = tokens_per_step * window_steps / max(window_time, 1e-9)
                     window_time, window_steps = 0.0, 0
-                    scalars, histograms = self._step_metrics(result, counts, tps)
-                    summary["train_loss"] = scalars["train/loss"]
+                    scalars, histograms = self._step_metrics(result, counts, perf.scalars(tps))
+                    summary["train_loss"] = scalars["loss/train"]
                     if summary["first_loss"] is None:
-                        summary["first_loss"] = scalars["train/loss"]
+                        summary["first_loss"] = scalars["loss/train"]
                     summary["tokens_per_sec"] = tps
                 if is_heatmap and counts:
                     logger.image("moe/load_heatmap",
-                                 load_heatmap([c.cpu().numpy() for c in counts]), done)
+                                 load_heatmap([c.cpu().numpy() for c in counts], done), done)
                 if is_eval:
                     losses = self.evaluate()
                     # With a blend: one curve per part, and their mix by weight.
                     val = sum(self.data.weights[n] * v for n, v in losses.items())
-                    scalars["val/loss"] = val
-                    scalars.update({f"val/loss/{n}": v for n, v in losses.items() if n})
+                    scalars["loss/val"] = val
+                    scalars.update({f"loss/val/{n}": v for n, v in losses.items() if n})
                     summary["val_loss"] = val
-                    progress.write(f"step {done}: val loss {val:.4f}")
+                    progress.write(f"step {done}: val loss {fmt(val)}")
                 if scalars:
                     logger.log(done, scalars, histograms)
-                progress.update(done, summary["train_loss"] or 0.0,
-                                summary["tokens_per_sec"] or 0.0, is_log)
+                # The bar shows every step's loss: rank 0's own on steps that
+                # are not logged (no collective just for the console).
+                loss = scalars.get("loss/train")
+                if loss is None and progress.wants_every_step:
+                    loss = (result["lm"] + result["aux"]).item()
+                progress.update(done, loss, summary["tokens_per_sec"], is_log)
                 if is_save:
                     summary["checkpoint"] = self.engine.save(self.run_dir, done, t.keep_last)
                 summary["steps"] = done
@@ -412,8 +421,8 @@ class Trainer:
                       f"train.max_steps={t.max_steps}", flush=True)
             else:
                 val = summary["val_loss"]
-                print(f"done: step {summary['steps']}, train loss {summary['train_loss']:.4f}"
-                      + (f", val loss {val:.4f}" if val is not None else "")
+                print(f"done: step {summary['steps']}, train loss {fmt(summary['train_loss'])}"
+                      + (f", val loss {fmt(val)}" if val is not None else "")
                       + f", checkpoint {summary['checkpoint']}", flush=True)
         return summary
 

@@ -40,7 +40,7 @@ BASE = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
         "train.eval_iters=2", "train.save_every=3", "train.keep_last=5",
         "train.heatmap_every=0", "train.seed=5"]
 JITTER = ["moe.jitter_eps=0.1"]
-KEYS = ("train/loss", "train/lm_loss", "train/aux_loss", "train/grad_norm", "train/lr", "val/loss")
+KEYS = ("loss/train", "train/lm_loss", "train/aux_loss", "train/grad_norm", "train/lr", "loss/val")
 RTOL = 1e-5
 
 
@@ -196,7 +196,7 @@ def test_load_in_another_layout_gives_the_saved_model(runs, layout):
     reports = loaded[layout]
     assert all(r["start_step"] == 3 for r in reports)
     # Validation loss: the saving run evaluated right before its step-3 save.
-    val = records(os.path.join(root, "straight"))[3]["val/loss"]
+    val = records(os.path.join(root, "straight"))[3]["loss/val"]
     for r in reports:
         assert r["val_loss"] == pytest.approx(val, rel=RTOL)
 

@@ -39,7 +39,7 @@ BASE = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
         "train.warmup_steps=2", "train.grad_clip=1.0", "train.log_every=1",
         "train.eval_every=5", "train.eval_iters=1", "train.save_every=0",
         "train.heatmap_every=0", "train.seed=11"]
-KEYS = ("train/loss", "train/lm_loss", "train/aux_loss", "train/grad_norm", "val/loss")
+KEYS = ("loss/train", "train/lm_loss", "train/aux_loss", "train/grad_norm", "loss/val")
 RTOL = 1e-5
 
 LAYOUTS = {
@@ -87,7 +87,7 @@ def test_two_ranks_train_like_one_process(layout, reference, tmp_path):
                     (layout, step, key)
     # Steps after the first would agree only if the updates did: the losses
     # must move, so that matching them is not trivially matching constants.
-    assert want[STEPS]["train/loss"] < want[1]["train/loss"] - 0.05
+    assert want[STEPS]["loss/train"] < want[1]["loss/train"] - 0.05
 
     # Every rank's shard made it into the checkpoint, under single-model names.
     # Adam divides by sqrt(v): where a gradient is ~0, rounding-level
@@ -113,7 +113,7 @@ def test_aux_loss_free_balancing_trains_like_one_process(tmp_path):
     run_distributed(train_worker, 2, ep_dir, extra + LAYOUTS["ep2"], timeout=180)
     want, got = records(ref_dir), records(ep_dir)
     for step in want:
-        assert got[step]["train/loss"] == pytest.approx(want[step]["train/loss"], rel=RTOL)
+        assert got[step]["loss/train"] == pytest.approx(want[step]["loss/train"], rel=RTOL)
     ref_state = load_model(ref_dir)[0].state_dict()
     ep_state = load_model(ep_dir)[0].state_dict()
     biases = [k for k in ref_state if k.endswith("router.expert_bias")]

@@ -178,14 +178,14 @@ def test_deepspeed_ep2_matches_torchrun(ds, plain):
     assert column(records, "step") == list(range(1, STEPS + 1))
     # Monitoring does not depend on the launcher.
     assert [sorted(r) for r in records] == [sorted(r) for r in plain]
-    assert column(records, "train/loss") == \
-        pytest.approx(column(plain, "train/loss"), rel=LOSS_RTOL)
+    assert column(records, "loss/train") == \
+        pytest.approx(column(plain, "loss/train"), rel=LOSS_RTOL)
     assert column(records, "train/grad_norm") == \
         pytest.approx(column(plain, "train/grad_norm"), rel=NORM_RTOL)
     assert column(records, "train/lr") == pytest.approx(column(plain, "train/lr"), rel=1e-6)
-    val = [r["val/loss"] for r in records if "val/loss" in r]
+    val = [r["loss/val"] for r in records if "loss/val" in r]
     assert val == \
-        pytest.approx([r["val/loss"] for r in plain if "val/loss" in r], rel=LOSS_RTOL)
+        pytest.approx([r["loss/val"] for r in plain if "loss/val" in r], rel=LOSS_RTOL)
 
 
 def test_deepspeed_checkpoint_layout_and_consolidated_model(ds):
@@ -218,5 +218,5 @@ def test_deepspeed_resume_continues_the_same_curve(ds, workdir):
                             workdir / f"{name}_resumed", "--resume", str(ckpt))
     full = read_metrics(run_dir)
     assert column(resumed, "step") == list(range(SAVE_EVERY + 1, STEPS + 1))
-    assert column(resumed, "train/loss") == \
-        pytest.approx(column(full, "train/loss")[SAVE_EVERY:], rel=LOSS_RTOL)
+    assert column(resumed, "loss/train") == \
+        pytest.approx(column(full, "loss/train")[SAVE_EVERY:], rel=LOSS_RTOL)

@@ -149,8 +149,8 @@ def submit(address, workdir, run_dir, extra_env=None, max_failures=0):
 def assert_matches(records, reference):
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert [sorted(r) for r in records] == [sorted(r) for r in reference]
-    assert [r["train/loss"] for r in records] == \
-        pytest.approx([r["train/loss"] for r in reference], rel=LOSS_RTOL)
+    assert [r["loss/train"] for r in records] == \
+        pytest.approx([r["loss/train"] for r in reference], rel=LOSS_RTOL)
 
 
 def test_ray_job_submit_matches_single_process(ray_head, workdir, reference):

@@ -53,7 +53,7 @@ def run(cmd, log_path, timeout: float = 180) -> None:
 
 
 def losses(records):
-    return [r["train/loss"] for r in records]
+    return [r["loss/train"] for r in records]
 
 
 def assert_same_run(records, reference):
@@ -77,11 +77,14 @@ def reference(workdir):
     run([sys.executable, TRAIN, "--config", str(workdir / "config.yaml"), "--run-dir", run_dir]
         + SINGLE, str(workdir / "single.log"))
     records = read_metrics(run_dir)
-    for key in ("train/loss", "train/lm_loss", "train/aux_loss", "train/lr", "train/grad_norm",
-                "train/tokens_per_sec", "moe/layer_0/load_max_over_mean",
-                "moe/layer_0/dropped_fraction", "moe/layer_0/tokens_per_expert"):
+    for key in ("loss/train", "train/lm_loss", "train/aux_loss", "train/lr", "train/grad_norm",
+                "perf/tokens_per_sec", "perf/tflops", "memory/rss",
+                "moe/layer_0/load_max_over_mean", "moe/all_layers/load_p95",
+                "moe/layer_0/tokens_per_expert"):
         assert key in records[0], key
-    assert "val/loss" in records[2]
+    # Dropless: no dropped-fraction series.
+    assert not [k for k in records[0] if "dropped" in k]
+    assert "loss/val" in records[2]
     return records
 
 

@@ -23,7 +23,7 @@ TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
         "train.global_batch_size=4", "train.micro_batch_size=2", "train.log_every=1",
         "train.eval_every=4", "train.eval_iters=1", "train.save_every=3",
         "train.heatmap_every=0", "train.warmup_steps=2", "train.lr=0.01"]
-KEYS = ("train/loss", "train/lm_loss", "train/aux_loss", "train/grad_norm", "train/lr", "val/loss")
+KEYS = ("loss/train", "train/lm_loss", "train/aux_loss", "train/grad_norm", "train/lr", "loss/val")
 
 # The same thread count in this process (conftest) and the child, so that
 # float reductions split the same way.

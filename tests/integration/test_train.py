@@ -23,7 +23,7 @@ def tiny(tmp_path, *extra):
     return cfg
 
 
-def losses(run_dir, key="train/loss"):
+def losses(run_dir, key="loss/train"):
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         return {r["step"]: r[key] for r in map(json.loads, fh) if key in r}
 

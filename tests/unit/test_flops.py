@@ -1,0 +1,65 @@
+"""The analytic model-FLOP count against torch's FlopCounterMode on a real
+forward (and backward), with attention written as plain matmuls so that the
+counter sees it (the CPU SDPA kernel is not counted)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from moe_train.config import load_config
+from moe_train.model import attention
+from moe_train.model.transformer import build_model
+from moe_train.train.flops import PerfMeter, forward_flops_per_token, model_flops_per_token, \
+    peak_tflops
+
+B, S = 2, 16
+
+
+def _matmul_sdpa(q, k, v, attn_mask=None, is_causal=False, **_):
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if is_causal:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    return F.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("overrides", [
+    # GQA, SwiGLU, top-2 dropless, untied head
+    [],
+    # shared expert, GELU, every second block dense, tied embeddings, noisy gating, ALiBi
+    ["moe.num_shared_experts=1", "model.activation=gelu", "moe.layer_freq=2",
+     "model.tie_embeddings=true", "moe.noisy_gating=true", "model.position_embedding=alibi",
+     "model.num_layers=4"],
+])
+def test_forward_flops_match_flop_counter(monkeypatch, overrides):
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", _matmul_sdpa)
+    cfg = load_config(None, ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4",
+                             "model.num_kv_heads=2", "model.ffn_hidden_size=48",
+                             "moe.num_experts=4", "moe.top_k=2", f"train.seq_len={S}"] + overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.moe)
+    x = torch.randint(0, cfg.model.vocab_size, (B, S))
+    with FlopCounterMode(display=False) as counter:
+        out = model(x)
+    forward = counter.get_total_flops()
+    assert forward_flops_per_token(model, S) * B * S == pytest.approx(forward, rel=1e-12)
+    assert model_flops_per_token(cfg) * B * S == pytest.approx(3 * forward, rel=1e-12)
+    # The backward costs twice the forward: the 3x of a training step.
+    with FlopCounterMode(display=False) as counter:
+        out = model(x)
+        (out.logits.float().pow(2).mean() + out.aux_loss).backward()
+    assert counter.get_total_flops() == pytest.approx(3 * forward, rel=0.02)
+
+
+def test_peak_and_mfu():
+    cpu = torch.device("cpu")
+    assert peak_tflops(cpu, "bf16") is None
+    assert peak_tflops(cpu, "bf16", configured=2.0) == 2.0
+    meter = PerfMeter(flops_per_token=1e9, world_size=4, device=cpu, peak=None)
+    scalars = meter.scalars(tokens_per_sec=8000.0)
+    assert scalars["perf/tflops"] == pytest.approx(1e9 * 8000 / 4 / 1e12)
+    assert "perf/mfu" not in scalars and scalars["memory/rss"] > 0
+    meter.peak = 4.0  # 2 TFLOP/s achieved per device
+    assert meter.scalars(8000.0)["perf/mfu"] == pytest.approx(0.5)

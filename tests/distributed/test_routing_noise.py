@@ -130,4 +130,4 @@ def test_dp_ranks_draw_different_noise_and_route_like_world1(runs):
     # And the whole run trains like world 1 (gradients averaged over ranks).
     want, got = records(os.path.join(root, "jitter_world1")), records(os.path.join(root, "jitter_dp"))
     for step in (1, 2):
-        assert got[step]["train/loss"] == pytest.approx(want[step]["train/loss"], rel=1e-5)
+        assert got[step]["loss/train"] == pytest.approx(want[step]["loss/train"], rel=1e-5)

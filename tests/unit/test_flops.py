@@ -32,6 +32,12 @@ def _matmul_sdpa(q, k, v, attn_mask=None, is_causal=False, **_):
     ["moe.num_shared_experts=1", "model.activation=gelu", "moe.layer_freq=2",
      "model.tie_embeddings=true", "moe.noisy_gating=true", "model.position_embedding=alibi",
      "model.num_layers=4"],
+    # the features of Qwen3-MoE / DeepSeekMoE: head dim apart from hidden/heads, QK-norm,
+    # first-k-dense, a gated shared expert of its own width, expert choice
+    ["model.kv_channels=12", "model.qk_norm=head", "moe.first_k_dense=1",
+     "moe.num_shared_experts=1", "moe.shared_expert_ffn_hidden_size=24",
+     "moe.shared_expert_gate=true", "moe.router=expert_choice", "moe.capacity_factor=2.0",
+     "model.num_layers=3"],
 ])
 def test_forward_flops_match_flop_counter(monkeypatch, overrides):
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", _matmul_sdpa)

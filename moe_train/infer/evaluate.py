@@ -4,7 +4,7 @@
 
 - No ``--data``: the run's own validation batches (``train.eval_iters``
   batches of ``train.micro_batch_size`` x ``train.seq_len``, drawn exactly as
-  the trainer draws them), so the loss equals the run's last ``val/loss``
+  the trainer draws them), so the loss equals the run's last ``loss/val``
   when the checkpoint is the run's last step (same device and precision).
 - ``--data`` a text file: tokenized with the run's tokenizer and cut into
   consecutive windows of ``train.seq_len`` predictions; every token but the

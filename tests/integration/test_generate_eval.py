@@ -1,6 +1,6 @@
 """`moe-train generate` and `moe-train eval` end to end.
 
-- eval on a run's validation batches gives the run's last val/loss (fp32 and
+- eval on a run's validation batches gives the run's last loss/val (fp32 and
   bf16 runs: same batches, same autocast, same device);
 - greedy generate gives the tokens transformers' generate gives on the
   exported model, and the tokens of a greedy loop without cache (RoPE,
@@ -49,7 +49,7 @@ def trained_run(request, tmp_path_factory):
 
 def last_val_loss(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return [r["val/loss"] for r in map(json.loads, fh) if "val/loss" in r][-1]
+        return [r["loss/val"] for r in map(json.loads, fh) if "loss/val" in r][-1]
 
 
 def test_eval_gives_the_runs_last_val_loss(trained_run):

@@ -209,7 +209,7 @@ class BlendPart:
     weight: float = 1.0
     """Share of the training samples, relative to the other parts' weights (> 0)."""
     name: Optional[str] = None
-    """Name in val/loss/<name>; null means the last component of path."""
+    """Name in loss/val/<name>; null means the last component of path."""
 
 
 @dataclass

@@ -81,7 +81,8 @@ def tensorboard_layout(drops: bool) -> Dict[str, Dict[str, list]]:
     if drops:
         load["dropped fraction, every layer"] = ["Multiline", [r"^moe/layer_\d+/dropped_fraction$"]]
     return {
-        "loss": {"train and validation loss": ["Multiline", [r"^loss/(train|val)$"]],
+        "loss": {"train and validation loss": [
+                     "Multiline", [r"^loss/train$", r"^loss/val(/.*)?$"]],
                  "router losses": ["Multiline", [r"^train/(aux_loss|load_balancing|z_loss)$"]]},
         "expert load": load,
         "optimizer and throughput": {

@@ -1,5 +1,5 @@
 """Training on real-data inputs: a dataset written by megatron-core's own
-builder trains as it is; a blend (with data.document_mask) resumes exactly and logs val/loss/<name>
+builder trains as it is; a blend (with data.document_mask) resumes exactly and logs loss/val/<name>
 per part; model.vocab_size is inferred from the data and rounded; a too
 small one is refused with one line."""
 import json
@@ -82,14 +82,14 @@ def test_blend_resumes_exactly_and_logs_each_part(tmp_path):
     got = {r["step"]: r for r in records(resumed.train.run_dir)}
     assert sorted(got) == [3, 4]
     for step in (3, 4):
-        for key in ("train/loss", "train/lm_loss", "train/grad_norm"):
+        for key in ("loss/train", "train/lm_loss", "train/grad_norm"):
             assert got[step][key] == want[step][key], (step, key)
     for r in (want[2], want[4], got[4]):
-        assert {"val/loss", "val/loss/a", "val/loss/numbers"} <= set(r)
-        # val/loss is the parts' losses mixed by weight.
-        mix = 0.75 * r["val/loss/a"] + 0.25 * r["val/loss/numbers"]
-        assert r["val/loss"] == pytest.approx(mix, rel=1e-6)
-    assert got[4]["val/loss/numbers"] == want[4]["val/loss/numbers"]
+        assert {"loss/val", "loss/val/a", "loss/val/numbers"} <= set(r)
+        # loss/val is the parts' losses mixed by weight.
+        mix = 0.75 * r["loss/val/a"] + 0.25 * r["loss/val/numbers"]
+        assert r["loss/val"] == pytest.approx(mix, rel=1e-6)
+    assert got[4]["loss/val/numbers"] == want[4]["loss/val/numbers"]
     saved = load_config(os.path.join(straight.train.run_dir, "config.yaml"))
     assert saved.model.vocab_size == 384  # byte 256 + EOD = 257, rounded up to 128s
 

@@ -130,9 +130,10 @@ def test_dropless_run_has_no_dropped_fraction(dropless):
 
 
 def test_jsonl_records_and_their_values(run):
-    _, cfg, records = run
+    run_dir, cfg, records = run
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    flops_per_token = model_flops_per_token(cfg)
+    # The run's own config: model.vocab_size resolved from the data.
+    flops_per_token = model_flops_per_token(load_config(os.path.join(run_dir, "config.yaml")))
     for r in records:
         for tag in SCALARS:
             if tag != "loss/val":

@@ -28,6 +28,7 @@ average), as the model cards do.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -199,7 +200,13 @@ def activation_bytes(cfg: Config, world: int) -> Dict[str, int]:
 
 
 def make_plan(cfg: Config, world: int) -> dict:
-    """Everything ``moe-train plan --json`` prints."""
+    """Everything ``moe-train plan --json`` prints. A null ``model.vocab_size``
+    is what training would infer from the data (found without reading it)."""
+    if cfg.model.vocab_size is None:
+        from moe_train.data.vocab import planned_vocab_size
+
+        cfg = copy.deepcopy(cfg)
+        cfg.model.vocab_size = planned_vocab_size(cfg)
     counts = count_params(cfg)
     per_rank = rank_bytes(cfg, counts, world)
     acts = activation_bytes(cfg, world)
@@ -274,9 +281,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.world < 1:
             raise ConfigError(f"--world ({args.world}) must be >= 1")
         cfg = load_config(args.config, args.set, args.world)
-        from moe_train.data.vocab import planned_vocab_size
-
-        cfg.model.vocab_size = planned_vocab_size(cfg)  # null: what training would infer
         plan = make_plan(cfg, args.world)
     except (_UsageError, ConfigError) as exc:
         return fail(str(exc))

@@ -104,3 +104,35 @@ def test_impossible_layouts_get_the_train_errors(args, field, capsys):
     assert cli_main(["plan"] + args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and field in err and "\n" not in err
+
+
+@pytest.mark.parametrize("stage, sharded", [(0, 0), (1, 12), (2, 14), (3, 16)])
+def test_deepspeed_bytes_follow_the_zero_paper(tmp_path, stage, sharded):
+    # references.md: 16 bytes per parameter under mixed precision (bf16
+    # weights and grads, fp32 master and two moments); ZeRO-1 shards 12 of
+    # them, ZeRO-2 14, ZeRO-3 all 16, over the data-parallel ranks.
+    from moe_train.plan import make_plan
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": stage}}))
+    world = 4
+    cfg = load_config(None, ["moe.num_experts=0", f"train.deepspeed_config={ds}",
+                             "train.global_batch_size=32"], world)
+    plan = make_plan(cfg, world)
+    P = plan["total_params"]
+    assert plan["per_rank_bytes"]["total"] == pytest.approx((16 - sharded) * P + sharded * P / world,
+                                                            abs=4)
+
+
+def test_native_bytes_shard_over_dp_shard_size_and_experts_over_ep():
+    from moe_train.plan import make_plan
+
+    cfg = load_config(None, ["parallel.dp_shard_size=4", "parallel.expert_parallel_size=2",
+                             "train.global_batch_size=32"], 4)
+    plan = make_plan(cfg, 4)
+    expert = plan["expert_params"]
+    dense = plan["total_params"] - expert
+    # dense over the 4 sharding ranks; experts over EP 2 and then over the
+    # gcd(4, dp/ep = 2) = 2 expert-data-parallel ranks that can shard them.
+    want = 4 * (dense / 4 + expert / 2 / 2)
+    assert plan["per_rank_bytes"]["params"] == pytest.approx(want, abs=1)

@@ -197,7 +197,8 @@ def prepare(inputs: Sequence[str], output_dir: str, tokenizer: Union[str, Tokeni
                     pieces = []
                 _write_document(ids, writers, written, src, val_fraction, eod_arr, tok)
             if ends and pieces:  # the document's last block held no text
-                _write_document(np.concatenate(pieces), writers, written, src, val_fraction, eod_arr, tok)
+                _write_document(np.concatenate(pieces), writers, written, src, val_fraction,
+                                eod_arr, tok)
                 pieces = []
             if bar is not None:
                 bar.update(nbytes)

@@ -24,8 +24,8 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, TextIO
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, TextIO
 
 import numpy as np
 import torch
@@ -45,6 +45,8 @@ class EvalResult:
     bits_per_byte: float
     tokens: int
     bytes: int
+    parts: Dict[str, float] = field(default_factory=dict)
+    """The loss of each part of a ``data.blend`` (empty otherwise)."""
 
 
 def windows(tokens: np.ndarray, seq_len: int, rows: int) -> List[torch.Tensor]:
@@ -61,51 +63,72 @@ def windows(tokens: np.ndarray, seq_len: int, rows: int) -> List[torch.Tensor]:
 
 
 def _target_bytes(tokenizer, targets_BS: torch.Tensor) -> int:
-    if tokenizer.name == "byte":
-        return targets_BS.numel()
+    if tokenizer.name == "byte":  # the end-of-document id is no byte of the text
+        return int((targets_BS < 256).sum())
     return sum(len(tokenizer.decode(row.tolist()).encode("utf-8")) for row in targets_BS)
 
 
 @torch.no_grad()
-def evaluate(run: Loaded, batches: Iterable[torch.Tensor], tokenizer) -> EvalResult:
-    """Cross-entropy of ``run.model`` over ``batches`` (``[b, s + 1]``:
-    inputs ``[:, :-1]``, targets ``[:, 1:]``), computed as the trainer's
-    evaluate does: logits under the run's autocast, CE in fp32, batch means
-    averaged with token weights (equal batches: the trainer's plain mean)."""
-    total_nats, tokens, nbytes = 0.0, 0, 0
-    for batch in batches:
-        batch = batch.to(run.device)
-        with run.autocast():
-            logits_BSV = run.model(batch[:, :-1]).logits
-        targets_BS = batch[:, 1:]
-        loss = F.cross_entropy(logits_BSV.float().reshape(-1, logits_BSV.shape[-1]),
-                               targets_BS.reshape(-1))
-        total_nats += loss.item() * targets_BS.numel()
-        tokens += targets_BS.numel()
-        nbytes += _target_bytes(tokenizer, targets_BS)
+def evaluate(run: Loaded, parts: Dict[str, List[torch.Tensor]], tokenizer,
+             weights: Optional[Dict[str, float]] = None,
+             eod_id: Optional[int] = None) -> EvalResult:
+    """Cross-entropy of ``run.model`` over the batches of each part
+    (``[b, s + 1]``: inputs ``[:, :-1]``, targets ``[:, 1:]``), computed as
+    the trainer's evaluate does: logits under the run's autocast (with
+    ``document_ids`` when the run trained with ``data.document_mask``), CE in
+    fp32, a part's loss the token-weighted mean of its batch means (equal
+    batches: the trainer's plain mean), the loss the parts' mix by
+    ``weights`` (default: one part, weight 1)."""
+    from moe_train.model.document_mask import document_ids
+
+    weights = weights or {name: 1.0 for name in parts}
+    masked = run.cfg.data.document_mask and eod_id is not None
+    losses: Dict[str, float] = {}
+    tokens, nbytes = 0, 0
+    for name, batches in parts.items():
+        nats, count = 0.0, 0
+        for batch in batches:
+            batch = batch.to(run.device)
+            inputs_BS, targets_BS = batch[:, :-1], batch[:, 1:]
+            kwargs = {"document_ids": document_ids(inputs_BS, eod_id)} if masked else {}
+            with run.autocast():
+                logits_BSV = run.model(inputs_BS, **kwargs).logits
+            loss = F.cross_entropy(logits_BSV.float().reshape(-1, logits_BSV.shape[-1]),
+                                   targets_BS.reshape(-1))
+            nats += loss.item() * targets_BS.numel()
+            count += targets_BS.numel()
+            nbytes += _target_bytes(tokenizer, targets_BS)
+        if count:
+            losses[name] = nats / count
+        tokens += count
     if tokens == 0:
         raise InputError("no tokens to evaluate: the data holds fewer than 2 tokens")
-    loss = total_nats / tokens
+    loss = sum(weights[name] * value for name, value in losses.items())
     return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)),
-                      bits_per_byte=total_nats / math.log(2) / max(nbytes, 1),
-                      tokens=tokens, bytes=nbytes)
+                      # nats per token / ln 2 * tokens per byte (exact for one part)
+                      bits_per_byte=loss * tokens / math.log(2) / max(nbytes, 1),
+                      tokens=tokens, bytes=nbytes,
+                      parts={n: v for n, v in losses.items() if n} if len(losses) > 1 else {})
 
 
 def _data_error(field: str, exc: Exception) -> InputError:
     return InputError(f"{field}: {' '.join(str(exc).split())}")
 
 
-def run_validation_batches(cfg) -> List[torch.Tensor]:
-    """The validation batches the trainer evaluates for ``cfg``."""
-    from moe_train.data import check_enough, load_splits, val_batches
+def run_validation(cfg):
+    """``(batches of each part, weights, eod_id)``: the validation batches
+    the trainer evaluates for ``cfg`` (every part of a ``data.blend``)."""
+    from moe_train.data import val_batches
+    from moe_train.data.blend import load_data
 
     t = cfg.train
     try:
-        _, val_ds, _ = load_splits(cfg.data)
-        check_enough(val_ds, t.seq_len, "val")
-        return val_batches(val_ds, t.eval_iters, t.micro_batch_size, t.seq_len, t.seed)
+        data = load_data(cfg.data, t.seq_len, need_val=True)
     except (ValueError, OSError) as exc:
         raise _data_error(f"data.dataset ({cfg.data.dataset})", exc)
+    parts = {name: val_batches(ds, t.eval_iters, t.micro_batch_size, t.seq_len, t.seed)
+             for name, ds in data.val.items()}
+    return parts, data.weights, data.eod_id
 
 
 def data_batches(data: str, cfg, tokenizer, max_tokens: Optional[int]) -> List[torch.Tensor]:
@@ -132,6 +155,13 @@ def data_batches(data: str, cfg, tokenizer, max_tokens: Optional[int]) -> List[t
     if max_tokens is not None:
         tokens = tokens[:max_tokens]
     return windows(tokens, cfg.train.seq_len, cfg.train.micro_batch_size)
+
+
+def _eod_id(tokenizer) -> Optional[int]:
+    try:
+        return int(tokenizer.eod_id)
+    except (ConfigError, ValueError):  # a tokenizer without an end-of-document token
+        return None
 
 
 def _parser() -> Parser:
@@ -163,11 +193,13 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = None) -> int:
         cfg = read_config(find_checkpoint(args.checkpoint))
         tokenizer = build_tokenizer(cfg.data.tokenizer)
         if args.data is None:
-            batches, source = run_validation_batches(cfg), f"{cfg.data.dataset} (run validation)"
+            parts, weights, eod = run_validation(cfg)
+            source = f"{cfg.data.dataset or 'data.blend'} (run validation)"
         else:
-            batches, source = data_batches(args.data, cfg, tokenizer, args.max_tokens), args.data
+            parts, weights = {"": data_batches(args.data, cfg, tokenizer, args.max_tokens)}, None
+            eod, source = _eod_id(tokenizer), args.data
         run = load(args.checkpoint, args.device, args.precision)
-        result = evaluate(run, batches, tokenizer)
+        result = evaluate(run, parts, tokenizer, weights, eod)
     except (InputError, ConfigError) as exc:
         return fail(str(exc))
     record = dict(dataclasses.asdict(result), data=source, checkpoint=run.ckpt_dir,

@@ -3,12 +3,13 @@ the text to stdout, with a KV cache (:mod:`moe_train.model.kv_cache`): the
 prompt is one forward, then every new token is one forward of one position.
 
     moe-train generate --checkpoint RUN_OR_CKPT --prompt TEXT [--max-new-tokens N]
-        [--temperature T] [--top-k K] [--top-p P] [--seed S]
+        [--temperature T] [--top-k K] [--top-p P] [--seed S] [--ignore-eod]
 
 Temperature 0 is greedy and deterministic; it gives the tokens transformers'
 ``generate(do_sample=False)`` gives on the exported model
-(tests/integration/test_generate_eval.py). Generation stops after N tokens or
-when prompt and continuation fill ``model.max_seq_len`` positions.
+(tests/integration/test_generate_eval.py). Generation stops after N tokens,
+when prompt and continuation fill ``model.max_seq_len`` positions, or at the
+tokenizer's end-of-document token (the exported eos), unless --ignore-eod.
 """
 from __future__ import annotations
 
@@ -38,10 +39,11 @@ def check_prompt(prompt_ids: Sequence[int], max_seq_len: int) -> None:
 def generate_ids(model: torch.nn.Module, prompt_ids: Sequence[int], max_new_tokens: int, *,
                  temperature: float = 0.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, seed: int = 0,
-                 max_seq_len: Optional[int] = None,
+                 max_seq_len: Optional[int] = None, stop_id: Optional[int] = None,
                  autocast: Optional[Callable[[], ContextManager]] = None) -> Iterator[int]:
     """Yield up to ``max_new_tokens`` token ids continuing ``prompt_ids``
-    (one sequence), each as soon as it is chosen. ``model`` is a
+    (one sequence), each as soon as it is chosen; stop before ``stop_id``
+    (the end-of-document id: the model ends the text there). ``model`` is a
     :class:`~moe_train.model.transformer.Transformer` in eval mode;
     ``autocast`` makes the context each forward runs in (bf16 autocast)."""
     max_len = max_seq_len or model.model_cfg.max_seq_len
@@ -56,7 +58,10 @@ def generate_ids(model: torch.nn.Module, prompt_ids: Sequence[int], max_new_toke
         with autocast() if autocast is not None else contextlib.nullcontext():
             logits_BV = model(ids_BS, cache=cache).logits[:, -1]
         token_B = next_token(logits_BV, temperature, top_k, top_p, generator)
-        yield int(token_B.item())
+        token = int(token_B.item())
+        if token == stop_id:
+            return
+        yield token
         ids_BS = token_B[:, None]
 
 
@@ -84,6 +89,13 @@ def stream_text(tokenizer, prompt_ids: List[int], new_ids: Iterator[int], out: T
     return new
 
 
+def _eod_id(tokenizer) -> Optional[int]:
+    try:
+        return int(tokenizer.eod_id)
+    except (ConfigError, ValueError):  # a tokenizer without an end-of-document token
+        return None
+
+
 def _parser() -> Parser:
     p = Parser(prog="moe-train generate",
                description="Continue a prompt with a trained model (KV-cached decoding).")
@@ -98,6 +110,8 @@ def _parser() -> Parser:
     p.add_argument("--top-p", type=float, default=None, metavar="P",
                    help="sample from the smallest set of tokens whose probability reaches P")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
+    p.add_argument("--ignore-eod", action="store_true",
+                   help="go on past the end-of-document token (default: stop there)")
     return p
 
 
@@ -134,7 +148,8 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = None) -> int:
         run: Loaded = load(args.checkpoint, args.device, args.precision)
         ids = generate_ids(run.model, prompt_ids, args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           seed=args.seed, autocast=run.autocast)
+                           seed=args.seed, autocast=run.autocast,
+                           stop_id=None if args.ignore_eod else _eod_id(tokenizer))
         stream_text(tokenizer, prompt_ids, ids, out)
     except (InputError, ConfigError) as exc:
         return fail(str(exc))

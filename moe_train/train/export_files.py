@@ -5,12 +5,13 @@ permissions, so that ``AutoTokenizer.from_pretrained(DIR)`` and
 published model.
 
 - Byte tokenizer (``data.tokenizer: byte``): a ``tokenizer.json`` built with
-  the ``tokenizers`` library, 256 tokens with id = byte value. It is GPT-2's
-  byte-level scheme with no merges: the ByteLevel pre-tokenizer maps each
-  UTF-8 byte to one printable character, the BPE vocabulary maps that
-  character back to the byte's value, and the ByteLevel decoder undoes the
-  mapping. So the ids equal :class:`moe_train.data.tokenizer.ByteTokenizer`'s
-  for every text.
+  the ``tokenizers`` library, 256 tokens with id = byte value, plus the
+  end-of-document id 256 as the special token ``<|endoftext|>`` (the eos of
+  ``generation_config.json``). It is GPT-2's byte-level scheme with no
+  merges: the ByteLevel pre-tokenizer maps each UTF-8 byte to one printable
+  character, the BPE vocabulary maps that character back to the byte's
+  value, and the ByteLevel decoder undoes the mapping. So the ids equal
+  :class:`moe_train.data.tokenizer.ByteTokenizer`'s for every text.
 - A Hugging Face ``tokenizer.json`` (``data.tokenizer: PATH``) is copied,
   with the ``tokenizer_config.json``, ``special_tokens_map.json`` and
   ``generation_config.json`` beside it when there are (a model brought in by
@@ -32,6 +33,7 @@ from moe_train.config import Config
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+BYTE_EOD_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 
 
@@ -49,14 +51,19 @@ def _bytes_to_unicode() -> Dict[int, str]:
 
 
 def byte_tokenizer_json() -> str:
-    """The ``tokenizer.json`` text of the byte tokenizer: 256 tokens, id = byte."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """The ``tokenizer.json`` text of the byte tokenizer: 256 tokens, id =
+    byte, and ``<|endoftext|>`` = 256, the end-of-document id."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    from moe_train.data.tokenizer import ByteTokenizer
 
     vocab = {char: b for b, char in _bytes_to_unicode().items()}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     # No regex split and no prefix space: the whole text becomes its bytes, nothing added.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(BYTE_EOD_TOKEN, special=True)])
+    assert tok.token_to_id(BYTE_EOD_TOKEN) == ByteTokenizer.eod_id
     return tok.to_str(pretty=True)
 
 
@@ -66,12 +73,24 @@ def _tokenizer_source(cfg: Config) -> Optional[str]:
     return path if os.path.isfile(path) else None
 
 
+def eod_id(cfg: Config) -> Optional[int]:
+    """The end-of-document id of ``data.tokenizer`` (None when it has none)."""
+    from moe_train.config import ConfigError
+    from moe_train.data.tokenizer import build_tokenizer
+
+    try:
+        return int(build_tokenizer(cfg.data.tokenizer).eod_id)
+    except (ConfigError, ValueError, OSError):
+        return None
+
+
 def generation_config(cfg: Config) -> dict:
-    """``generation_config.json``: transformers' defaults, with the length
-    limit of the model (positions beyond ``model.max_seq_len`` were never
-    trained). The byte tokenizer has no special tokens, so there is no eos."""
+    """``generation_config.json``: greedy, with the length limit of the model
+    (positions beyond ``model.max_seq_len`` were never trained) and the
+    end-of-document id as eos, where generation stops (as ``moe-train
+    generate`` does)."""
     return {"max_length": cfg.model.max_seq_len, "do_sample": False,
-            "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+            "bos_token_id": None, "eos_token_id": eod_id(cfg), "pad_token_id": None}
 
 
 def write_tokenizer(cfg: Config, directory: str) -> bool:
@@ -94,6 +113,8 @@ def write_tokenizer(cfg: Config, directory: str) -> bool:
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast",
                         "model_max_length": cfg.model.max_seq_len,
                         "clean_up_tokenization_spaces": False}
+    if cfg.data.tokenizer == "byte":
+        tokenizer_config["eos_token"] = BYTE_EOD_TOKEN
     with open(os.path.join(directory, TOKENIZER_CONFIG_FILE), "w") as fh:
         json.dump(tokenizer_config, fh, indent=2)
         fh.write("\n")

@@ -24,7 +24,7 @@ TEXTS = ["Hello, world!", "  leading spaces, tabs\tand\nnewlines\r\n",
 def export_dir(tmp_path_factory):
     old = os.umask(0o022)
     try:
-        cfg = tiny_cfg(["model.vocab_size=256"])
+        cfg = tiny_cfg(["model.vocab_size=384"])  # 257 ids rounded up to 128, as training does
         out = export_hf(randomized_model(cfg), cfg, str(tmp_path_factory.mktemp("e") / "hf"))
     finally:
         os.umask(old)
@@ -33,7 +33,8 @@ def export_dir(tmp_path_factory):
 
 def test_auto_tokenizer_gives_the_training_ids(export_dir):
     tok = transformers.AutoTokenizer.from_pretrained(export_dir, local_files_only=True)
-    assert len(tok) == 256
+    assert len(tok) == 257 and tok.eos_token == "<|endoftext|>"
+    assert tok.convert_tokens_to_ids("<|endoftext|>") == ByteTokenizer.eod_id
     ours = ByteTokenizer()
     for text in TEXTS:
         assert tok(text)["input_ids"] == ours.encode(text), text
@@ -52,6 +53,7 @@ def test_pipeline_generates_text(export_dir):
 def test_generation_config_loads(export_dir):
     gen = transformers.GenerationConfig.from_pretrained(export_dir)
     assert gen.max_length == 32 and gen.do_sample is False
+    assert gen.eos_token_id == ByteTokenizer.eod_id
 
 
 def test_ordinary_permissions(export_dir):
@@ -71,7 +73,7 @@ def test_a_local_tokenizer_json_gives_the_training_ids_too(tmp_path):
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(TEXTS * 20, trainers.BpeTrainer(vocab_size=120,
-                                                            special_tokens=["[UNK]"]))
+                                                            special_tokens=["[UNK]", "</s>"]))
     path = tmp_path / "tok" / "tokenizer.json"
     path.parent.mkdir()
     tok.save(str(path))
@@ -81,6 +83,7 @@ def test_a_local_tokenizer_json_gives_the_training_ids_too(tmp_path):
     auto = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
     for text in TEXTS[::3]:
         assert auto(text)["input_ids"] == ours.encode(text), text
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == ours.eod_id == 1
 
 
 def test_the_tokenizers_own_config_files_travel_with_it(tmp_path):
@@ -92,7 +95,7 @@ def test_the_tokenizers_own_config_files_travel_with_it(tmp_path):
     (src / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast", '
                                                '"eos_token": "A"}')
     (src / "generation_config.json").write_text('{"eos_token_id": 65, "max_length": 20}')
-    cfg = tiny_cfg([f"data.tokenizer={src / 'tokenizer.json'}", "model.vocab_size=256"])
+    cfg = tiny_cfg([f"data.tokenizer={src / 'tokenizer.json'}", "model.vocab_size=384"])
     out = export_hf(randomized_model(cfg), cfg, str(tmp_path / "hf"))
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (tmp_path / "hf" / name).read_text() == (src / name).read_text(), name

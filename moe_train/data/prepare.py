@@ -257,9 +257,12 @@ def _write_document(ids: np.ndarray, writers, written: Dict[str, int], src: Dict
         raise ValueError(f"tokenizer {tok.name} produced id {top} outside [0, "
                          f"{tok.vocab_size}) in {src['path']}")
     n_val = val_count(n, val_fraction)
+    # In the ids' own (compact) dtype, which holds the end-of-document id too:
+    # no widening copy of every token.
+    eod = eod_arr.astype(ids.dtype)
     for split, piece in (("train", ids[:n - n_val]), ("val", ids[n - n_val:])):
         if len(piece):
-            writers[split].add(np.concatenate([piece.astype(np.int64, copy=False), eod_arr]))
+            writers[split].add(np.concatenate([piece, eod]))
             written[split] += len(piece) + 1
     src["documents"] += 1
     src["tokens"] += n

@@ -155,16 +155,17 @@ def activation_bytes(cfg: Config, world: int) -> Dict[str, int]:
 
     Counted per token and block, in the compute dtype (2 bytes under bf16):
     the two norms' inputs and outputs (4D); q, k, v projections, rotated q and
-    k, the GQA-expanded k and v and the attention output (H.d + 2G.d + H.d +
-    G.d + 2H.d + H.d, over TP); MoE: router logits and probabilities (2E
+    k and the attention output (H.d + 2G.d + H.d + G.d + H.d, over TP; GQA
+    goes through SDPA's enable_gqa, so k and v are never expanded to H
+    heads); MoE: router logits and probabilities (2E
     fp32), per routed copy the dispatched input, the expert's w1, w3, silu and
     product (4F) and output (2D + 4F, K copies); the shared/dense MLP 4F (over
     TP). Plus the fp32 logits and their softmax (2V). SDPA's flash/efficient
     kernels keep no S x S matrix, which is not counted.
 
     ``recompute full`` keeps each block's input (D) and one block's whole set
-    during its recompute; ``selective`` drops the attention core (rotated,
-    expanded q/k/v) and the expert and shared MLP intermediates.
+    during its recompute; ``selective`` drops the attention core (rotated
+    q/k) and the expert and shared MLP intermediates.
     """
     m, t, tp = cfg.model, cfg.train, cfg.parallel.tensor_parallel_size
     e = moe_for_model(cfg.moe, m)
@@ -178,7 +179,7 @@ def activation_bytes(cfg: Config, world: int) -> Dict[str, int]:
     shared_f = (e.shared_expert_ffn_hidden_size or e.num_shared_experts * e.ffn_hidden_size) / tp
 
     attn_keep = 4 * D + (H * d + 2 * G * d) + H * d
-    attn_core = (H * d + G * d) + 2 * H * d
+    attn_core = H * d + G * d
     full, selective, block_max = 0.0, 0.0, 0.0
     for i in range(m.num_layers):
         if is_moe_block(i, cfg.moe):

@@ -64,12 +64,26 @@ def alibi_bias(slopes_H: torch.Tensor, seq_len: int,
     the diagonal, so the causal mask and the linear bias travel as one tensor
     (SDPA refuses ``attn_mask`` together with ``is_causal``).
     """
+    return alibi_bias_rows(slopes_H, seq_len, seq_len, device)
+
+
+def alibi_bias_rows(slopes_H: torch.Tensor, q_len: int, kv_len: int,
+                    device: Optional[torch.device] = None) -> torch.Tensor:
+    """The last ``q_len`` query rows of :func:`alibi_bias` for ``kv_len``
+    keys: fp32 ``[H, q_len, kv_len]``, queries at positions
+    ``kv_len - q_len .. kv_len - 1``.
+
+    fp32 with autocast off whatever the caller runs under: in bf16 a slope of
+    2^-8 times a distance near 4000 has a granularity of 0.06, so neighbouring
+    distances would merge (references.md, ALiBi precision trap).
+    """
     device = slopes_H.device if device is None else device
-    pos_S = torch.arange(seq_len, device=device, dtype=torch.float32)
-    distance_SS = pos_S[:, None] - pos_S[None, :]                       # i - j
-    bias_HSS = -slopes_H.to(device=device, dtype=torch.float32)[:, None, None] * distance_SS
-    future_SS = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)
-    return bias_HSS.masked_fill(future_SS, float("-inf"))
+    with torch.autocast(device_type=torch.device(device).type, enabled=False):
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=device, dtype=torch.float32)
+        k_pos = torch.arange(kv_len, device=device, dtype=torch.float32)
+        distance_SL = q_pos[:, None] - k_pos[None, :]                       # i - j
+        bias_HSL = -slopes_H.to(device=device, dtype=torch.float32)[:, None, None] * distance_SL
+        return bias_HSL.masked_fill(distance_SL < 0, float("-inf"))
 
 
 # ----------------------------------------------------------------------------
@@ -244,13 +258,20 @@ class RotaryEmbedding(nn.Module):
             out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
         return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                cos_sin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q ``[B, S, Hq, d]`` and k ``[B, S, Hk, d]`` by ``positions``."""
+        """Rotate q ``[B, S, Hq, d]`` and k ``[B, S, Hk, d]`` by ``positions``.
+
+        ``cos_sin``: the tables of :meth:`cos_sin` for these positions,
+        computed once per model forward and shared by every layer; computed
+        here when not given. They are cast to q's dtype if they differ."""
         if q.shape[-1] != self.dim or k.shape[-1] != self.dim:
             raise ValueError(f"rope: head dim {q.shape[-1]}/{k.shape[-1]} != {self.dim}")
-        positions = positions.to(q.device)
-        cos, sin = self.cos_sin(positions, q.dtype)
+        if cos_sin is None:
+            cos, sin = self.cos_sin(positions.to(q.device), q.dtype)
+        else:
+            cos, sin = (t.to(q.dtype) for t in cos_sin)
         # [S, r/2] or [B, S, r/2] -> broadcast over heads: [.., S, 1, r/2]
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from moe_train.config import ModelConfig, MoEConfig, moe_for_model
-from moe_train.model.attention import Attention
+from moe_train.model.attention import Attention, AttentionInputs, _compute_dtype
 from moe_train.model.mlp import MLP
 from moe_train.model.norm import build_norm
 from moe_train.moe.layer import MoELayer, MoEOutput
@@ -82,12 +82,15 @@ class Block(nn.Module):
         nn.init.normal_(self.attn.wo.weight, std=output_std)
 
     def forward(self, x_BSD: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                cache=None, document_ids: Optional[torch.Tensor] = None
+                cache=None, document_ids: Optional[torch.Tensor] = None,
+                shared: Optional[AttentionInputs] = None
                 ) -> Tuple[torch.Tensor, Optional[MoEOutput]]:
         """Returns the new residual stream and the MoEOutput (None for a dense
         block). ``cache``: this block's LayerKVCache, when decoding;
-        ``document_ids``: attention within documents only."""
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions, cache, document_ids)
+        ``document_ids``: attention within documents only; ``shared``: the
+        attention mask and RoPE tables of this forward (already holding the
+        document mask)."""
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions, cache, document_ids, shared)
         h_BSD = self.ffn_norm(x_BSD)
         if self.is_moe:
             moe_out = self.ffn(h_BSD, positions)
@@ -120,6 +123,19 @@ class Transformer(nn.Module):
         else:
             nn.init.normal_(self.lm_head.weight, std=model_cfg.init_std)
 
+    def _shared_attention_inputs(self, q_len: int, positions: torch.Tensor, cache,
+                                 document_ids: Optional[torch.Tensor]
+                                 ) -> Optional[AttentionInputs]:
+        """RoPE cos/sin and the attention mask, once per forward for every
+        layer (all blocks share heads, head offset and RoPE settings)."""
+        if not self.blocks:
+            return None
+        attn = self.blocks[0].attn
+        kv_len = q_len + (cache.length if cache is not None else 0)
+        dtype = _compute_dtype(positions.device, attn.wq.weight)
+        return attn.shared_inputs(q_len, kv_len, positions, dtype,
+                                  document_ids if cache is None else None)
+
     @property
     def moe_blocks(self) -> List[Block]:
         """The blocks whose ffn is an MoELayer, in layer order."""
@@ -138,12 +154,13 @@ class Transformer(nn.Module):
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + S, device=input_ids.device)
         x_BSD = self.embed(input_ids)
+        shared = self._shared_attention_inputs(S, positions, cache, document_ids)
         aux_loss = torch.zeros((), dtype=torch.float32, device=input_ids.device)
         losses: Dict[str, torch.Tensor] = {}
         moe_stats: List[Dict[str, torch.Tensor]] = []
         for i, block in enumerate(self.blocks):
             x_BSD, moe_out = block(x_BSD, positions, None if cache is None else cache.layers[i],
-                                   document_ids)
+                                   document_ids, shared)
             if moe_out is not None:
                 aux_loss = aux_loss + moe_out.aux_loss
                 for name, value in moe_out.losses.items():

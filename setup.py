@@ -17,6 +17,7 @@ setup(
         "psutil",
         "safetensors",
         "tokenizers",
+        "matplotlib",
         "megatron-core",
         "deepspeed",
         "ray[default,train]",

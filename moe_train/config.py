@@ -114,6 +114,10 @@ class ModelConfig:
         return 4 * self.hidden_size
 
 
+# The weight each balancing loss's paper uses (moe.aux_loss_coef: null).
+AUX_LOSS_COEF_DEFAULTS = {"switch": 1e-2, "shazeer": 1e-1, "sequence": 1e-2, "none": 0.0}
+
+
 @dataclass
 class MoEConfig:
     """A Mixture-of-Experts layer. ``hidden_size``, ``ffn_hidden_size`` and
@@ -161,8 +165,10 @@ class MoEConfig:
     """Switch input jitter: multiply router input by U(1-eps, 1+eps) in training."""
     aux_loss: str = "switch"
     """switch | shazeer | sequence (DeepSeek-V3 per-sequence) | none: the load-balancing loss."""
-    aux_loss_coef: float = 1e-2
-    """Weight of the load-balancing loss (Switch alpha; Shazeer w)."""
+    aux_loss_coef: Optional[float] = None
+    """Weight of the load-balancing loss; null means the paper's for moe.aux_loss:
+    switch 1e-2 (Switch alpha), shazeer 0.1 (Shazeer w_importance = w_load for
+    LMs), sequence 1e-2 (DeepSeek-V3's 1e-4 leans on the bias)."""
     z_loss_coef: float = 0.0
     """ST-MoE router z-loss weight (beta; 1e-3 in the paper); 0 turns it off."""
     expert_bias_update_rate: float = 0.0
@@ -182,6 +188,13 @@ class MoEConfig:
     @property
     def enabled(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def aux_loss_weight(self) -> float:
+        """``aux_loss_coef``, or the paper's weight for ``aux_loss`` when null."""
+        if self.aux_loss_coef is not None:
+            return self.aux_loss_coef
+        return AUX_LOSS_COEF_DEFAULTS.get(self.aux_loss, 0.0)
 
 
 @dataclass
@@ -410,7 +423,21 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                "moe.shared_expert_gate and moe.shared_expert_ffn_hidden_size need "
                "moe.num_shared_experts >= 1")
         _check(0.0 <= e.jitter_eps < 1.0, f"moe.jitter_eps ({e.jitter_eps}) must be in [0, 1)")
-        _check(e.aux_loss_coef >= 0, f"moe.aux_loss_coef ({e.aux_loss_coef}) must be >= 0")
+        _check(e.aux_loss_coef is None or 0 <= e.aux_loss_coef < math.inf,
+               f"moe.aux_loss_coef ({e.aux_loss_coef}) must be a finite number >= 0, or null "
+               "for the paper's weight")
+        _check(not (e.router == "token_choice" and e.score_order == "topk_then_softmax"
+                    and e.top_k == 1 and e.expert_bias_update_rate == 0),
+               "moe.score_order (topk_then_softmax) with moe.top_k 1 makes every gate 1, so the "
+               "router gets no gradient from the loss: use softmax_then_topk (Switch: the gate is "
+               "the router probability) or a balancing that needs no router gradient "
+               "(moe.expert_bias_update_rate > 0)")
+        _check(any((i + 1) % e.layer_freq == 0 for i in range(e.first_k_dense, m.num_layers)),
+               (f"moe.layer_freq ({e.layer_freq}) and moe.first_k_dense ({e.first_k_dense}) "
+                f"leave no MoE block among the model.num_layers ({m.num_layers})" if e.first_k_dense
+                else f"moe.layer_freq ({e.layer_freq}) must be <= model.num_layers "
+                     f"({m.num_layers})")
+               + ": no block would be MoE (set moe.num_experts 0 for a dense model)")
         _check(e.z_loss_coef >= 0, f"moe.z_loss_coef ({e.z_loss_coef}) must be >= 0")
         _check(e.expert_bias_update_rate >= 0,
                f"moe.expert_bias_update_rate ({e.expert_bias_update_rate}) must be >= 0")
@@ -431,7 +458,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
 
     _check(t.seq_len <= m.max_seq_len,
            f"train.seq_len ({t.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})")
-    _check(t.lr > 0, f"train.lr ({t.lr}) must be > 0")
+    _check(0 < t.lr < math.inf, f"train.lr ({t.lr}) must be a finite number > 0")
     _check(0 <= t.min_lr <= t.lr, f"train.min_lr ({t.min_lr}) must be in [0, train.lr]")
     _check(t.warmup_steps >= 0, f"train.warmup_steps ({t.warmup_steps}) must be >= 0")
     _check(t.weight_decay >= 0, f"train.weight_decay ({t.weight_decay}) must be >= 0")
@@ -482,6 +509,18 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _check(t.global_batch_size % t.micro_batch_size == 0,
                f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
                f"train.micro_batch_size ({t.micro_batch_size})")
+
+
+def config_warnings(cfg: Config) -> List[str]:
+    """One-line notes on settings that are allowed but probably not meant
+    (the trainer prints them once, as ``warning: ...``)."""
+    t = cfg.train
+    out = []
+    if t.warmup_steps > t.max_steps:
+        out.append(f"train.warmup_steps ({t.warmup_steps}) > train.max_steps ({t.max_steps}): "
+                   f"the learning rate stops at {t.max_steps / t.warmup_steps:.0%} of train.lr "
+                   "and never decays")
+    return out
 
 
 # ----------------------------------------------------------------------------

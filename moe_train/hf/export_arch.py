@@ -118,7 +118,8 @@ def check_exportable(cfg: Config) -> str:
             # Mixtral's renormalisation turns it into 1.
             refuse("moe.top_k", "1 with moe.score_order softmax_then_topk",
                    "the gate is the raw softmax probability (Switch) while Mixtral's is 1 "
-                   "(topk_then_softmax at top_k 1 is exportable)")
+                   "(topk_then_softmax at top_k 1 would match it, but there every gate is 1 "
+                   "and the router learns nothing, so the config refuses it)")
     resolved = moe_for_model(e, m)
     if resolved.activation != "swiglu":
         field = "moe.activation" if e.activation is not None else "model.activation"
@@ -198,7 +199,7 @@ def hf_config(cfg: Config, dtype: torch.dtype = torch.float32) -> dict:
         "tie_word_embeddings": m.tie_embeddings,
         "num_experts_per_tok": e.top_k,
         # Used by transformers only when fine-tuning with output_router_logits.
-        "router_aux_loss_coef": e.aux_loss_coef if e.aux_loss == "switch" else 0.0,
+        "router_aux_loss_coef": e.aux_loss_weight if e.aux_loss == "switch" else 0.0,
         "output_router_logits": False,
         "attention_dropout": 0.0,
         "initializer_range": m.init_std,

@@ -95,7 +95,7 @@ class TokenChoiceRouter(nn.Module):
         self.noisy_gating = cfg.noisy_gating
         self.jitter_eps = cfg.jitter_eps
         self.aux_loss = cfg.aux_loss
-        self.aux_loss_coef = cfg.aux_loss_coef
+        self.aux_loss_coef = cfg.aux_loss_weight  # the paper's weight when null
         self.z_loss_coef = cfg.z_loss_coef
         self.expert_bias_update_rate = cfg.expert_bias_update_rate
         # Which layer this router is: part of its routing-noise seed

@@ -42,6 +42,7 @@ import copy
 import os
 import random
 import shutil
+import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -49,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moe_train.config import Config, ConfigError, save_config
+from moe_train.config import Config, ConfigError, config_warnings, save_config
 from moe_train.console import fmt
 from moe_train.moe.balancing import update_expert_biases
 from moe_train.moe.routing_noise import keyed_micro_batches
@@ -181,6 +182,8 @@ class Trainer:
         self.log = topology.is_main
         if self.log:
             print(f"run dir: {self.run_dir}", flush=True)
+            for warning in config_warnings(cfg):
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
             if removed:
                 print(f"note: {self.run_dir} held an earlier run ({', '.join(removed)}); "
                       "starting it over (pass --resume to continue it instead)", flush=True)

@@ -78,8 +78,9 @@ VARIANTS = {
     "tied_interleaved_topk_then_softmax": [
         "model.tie_embeddings=true", "model.rope.layout=interleaved",
         "moe.score_order=topk_then_softmax", "model.rope.base=500.0"],
-    "top1_rope_linear": ["moe.top_k=1", "moe.score_order=topk_then_softmax",
-                         "model.rope.scaling={type: linear, factor: 4.0}"],
+    # top-1 exports only as topk_then_softmax (gate 1), which the config
+    # refuses (the router would get no gradient): top-2 here.
+    "rope_linear": ["model.rope.scaling={type: linear, factor: 4.0}"],
     "rope_ntk": ["model.rope.scaling={type: ntk, factor: 8.0}"],
     # base and original length put YaRN's ramp inside the 4 frequency pairs,
     # so beta_fast (not the default 32) changes the result.

@@ -21,7 +21,7 @@ $(STAMP): $(BIN)/python setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m moe_train.train --run-dir runs/demo
+	$(BIN)/python -m moe_train.train --run-dir runs/demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

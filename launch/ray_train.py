@@ -15,7 +15,6 @@ latest checkpoint of the run directory. See docs/launching.md.
 import argparse
 import os
 import sys
-import time
 from typing import List, Optional
 
 # Runnable from a checkout without installing the package.
@@ -41,11 +40,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
     p.add_argument("--run-dir", metavar="DIR",
                    help="run directory, the same path on every node (default: train.run_dir, "
-                        "else runs/<YYYYmmdd-HHMMSS>); Ray's own files go to DIR/ray")
+                        "else runs/<YYYYmmdd-HHMMSS>-<pid>); Ray's own files go to DIR/ray")
     p.add_argument("--max-failures", type=int, default=3, metavar="M",
                    help="worker-group restarts after a worker dies (-1: no limit; default 3)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run directory's latest checkpoint instead of starting over")
+    p.add_argument("--overwrite", action="store_true",
+                   help="a fresh run may replace the run already in the run dir")
     return p
 
 
@@ -78,7 +79,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             resolve_deepspeed_config(cfg, args.num_workers)
         # Workers run in other directories (and, with ray job submit, from a
         # copy of the working dir): every path they get is absolute.
-        run_dir = cfg.train.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        from moe_train.train import run_dir as run_dirs
+
+        run_dir = cfg.train.run_dir or run_dirs.default_run_dir()
         cfg.train.run_dir = os.path.abspath(run_dir)
         if cfg.data.cache_dir:
             cfg.data.cache_dir = os.path.abspath(cfg.data.cache_dir)
@@ -87,16 +90,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         if os.path.isdir(cfg.data.dataset):
             cfg.data.dataset = os.path.abspath(cfg.data.dataset)
 
-        from moe_train.train.trainer import prepare_run_dir
-
-        # A fresh run removes an earlier run's checkpoints here, once: the
-        # workers resume from whatever checkpoint the run directory holds.
-        removed = prepare_run_dir(cfg.train.run_dir, fresh=not args.resume)
+        # The run directory is checked and claimed here, once (an earlier
+        # run's files removed only with --overwrite); the workers resume
+        # from whatever checkpoint it holds, and rank 0 locks it while it trains.
+        removed = run_dirs.prepare(cfg.train.run_dir, fresh=not args.resume,
+                                   overwrite=args.overwrite)
     except (ConfigError, InputError) as exc:
         return fail(str(exc))
     if removed:
-        print(f"note: {cfg.train.run_dir} held an earlier run ({', '.join(removed)}); "
-              "starting it over (pass --resume to continue it instead)", flush=True)
+        print(f"note: --overwrite removed the earlier run's {', '.join(removed)} "
+              f"from {cfg.train.run_dir}", flush=True)
 
     from moe_train.launchers.ray import run
 

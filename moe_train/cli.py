@@ -5,7 +5,10 @@
 ``launch/train.py ...``. Bad input (a missing config file, an unknown key, an
 impossible value, an unwritable run directory, a missing or incompatible
 checkpoint, a dataset too small) prints one line, ``error: <msg>``, on stderr
-and exits with status 2, before any heavy work.
+and exits with status 2, before anything is written. A run stopped by
+SIGTERM/SIGINT/SIGUSR1 saves and exits with 128 + the signal number; one that
+diverged (train.max_skipped_steps non-finite steps in a row) exits with 3
+(docs/reliability.md).
 """
 from __future__ import annotations
 
@@ -45,6 +48,9 @@ def train_parser(prog: str = "moe-train train") -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const=LATEST_CHECKPOINT, default=None, metavar="PATH",
                    help="continue from a checkpoint: bare, the latest one of the run dir; "
                         "or a run dir or checkpoint dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="a fresh run may replace the run already in the run dir (only the "
+                        "files that run recorded in its manifest are removed)")
     return p
 
 
@@ -94,15 +100,26 @@ def fail(message: str) -> int:
 def train_main(argv: Optional[List[str]] = None, prog: str = "moe-train train") -> int:
     """Parse train options, check the input, train. Returns the exit status."""
     from moe_train.train import InputError
+    from moe_train.train.nonfinite import EXIT_STATUS as DIVERGED
+    from moe_train.train.nonfinite import DivergedError
+    from moe_train.train.stop_signals import exit_status
 
     args = train_parser(prog).parse_args(argv)
     try:
         cfg, resume = resolve_train_args(args)
         from moe_train.train.trainer import train
 
-        train(cfg, resume=resume)
+        summary = train(cfg, resume=resume, overwrite=args.overwrite)
     except (ConfigError, InputError) as exc:
         return fail(str(exc))
+    except DivergedError as exc:
+        fail(str(exc))
+        return DIVERGED
+    except KeyboardInterrupt:  # Ctrl-C before the training loop took over the signal
+        fail("interrupted before training started; nothing was saved")
+        return 130
+    if summary.get("stopped_by"):
+        return exit_status(summary["stopped_by"])
     return 0
 
 

@@ -17,6 +17,9 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from moe_train.config_limits import check_limits, show
+from moe_train.config_yaml import YamlValueError, load_yaml, load_yaml_file
+
 
 class ConfigError(ValueError):
     """A bad configuration value. The message names the field path."""
@@ -285,6 +288,9 @@ class TrainConfig:
     """Steps between checkpoints (one is always written at the end); 0 means only at the end."""
     keep_last: int = 3
     """Checkpoints kept."""
+    max_skipped_steps: int = 5
+    """Consecutive steps with a non-finite loss or gradient norm (each skipped,
+    no update) after which the run stops with exit status 3."""
     heatmap_every: int = 50
     """Steps between the layers x experts load heatmap image."""
     peak_tflops: Optional[float] = None
@@ -368,6 +374,7 @@ def _walk(obj: Any, prefix: str):
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """Check every cross-field rule of ``cfg``; ``world_size`` adds the
     parallel-layout rules. Raises ConfigError."""
+    check_limits(cfg, ConfigError)  # first: later messages format the values
     for path, value in _walk(cfg, ""):
         if path in CHOICES:
             check_choice(path, value)
@@ -548,31 +555,34 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
         if isinstance(tp, type) and isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{path} must be a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{path} must be a mapping of {tp.__name__} fields, got {show(value)}")
         return from_dict(tp, value, path)
     if value is None:
         raise ConfigError(f"{path} must be a {_type_name(tp)}, got null")
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{path} must be true or false, got {value!r}")
+        raise ConfigError(f"{path} must be true or false, got {show(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{path} must be an integer, got {value!r}")
+        raise ConfigError(f"{path} must be an integer, got {show(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise ConfigError(f"{path} ({show(value)}) is too large for a number")
         if isinstance(value, str):
             try:
                 return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
-            except ValueError:
+            except (ValueError, OverflowError):
                 pass
-        raise ConfigError(f"{path} must be a number, got {value!r}")
+        raise ConfigError(f"{path} must be a number, got {show(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{path} must be a string, got {value!r}")
+        raise ConfigError(f"{path} must be a string, got {show(value)}")
     return value
 
 
@@ -593,8 +603,11 @@ def from_dict(cls: Any, data: Dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _parse_scalar(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+def _parse_scalar(key: str, text: str) -> Any:
+    try:
+        return load_yaml(text) if text != "" else ""
+    except YamlValueError as exc:
+        raise ConfigError(f"--set {key}: {str(exc).replace('line 1: ', '', 1)}")
 
 
 def apply_overrides(data: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
@@ -612,26 +625,44 @@ def apply_overrides(data: Dict[str, Any], overrides: List[str]) -> Dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {key}: {part} is not a section")
             node = child
-        node[parts[-1]] = _parse_scalar(text)
+        node[parts[-1]] = _parse_scalar(key, text)
     return data
 
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
+PACKAGED_CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
+DEFAULT_CONFIG = os.path.join(PACKAGED_CONFIGS, "tiny.yaml")
+
+
+def find_config(path: str) -> str:
+    """The file ``path`` names: itself when it exists, else a config shipped
+    in the package, by name (``tiny``) or by its repository path
+    (``configs/tiny.yaml``), so that examples work from any directory."""
+    if os.path.isfile(path):
+        return path
+    rel = path[len("configs/"):] if path.startswith("configs/") else path
+    for candidate in (rel, rel + ".yaml"):
+        packaged = os.path.join(PACKAGED_CONFIGS, candidate)
+        if not os.path.isabs(candidate) and os.path.isfile(packaged):
+            return packaged
+    raise ConfigError(f"config file not found: {path} (nor a packaged config of that name)")
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
                 world_size: Optional[int] = None) -> Config:
-    """Load YAML at ``path`` (the embedded tiny config when None), apply
-    overrides, build and validate. Raises ConfigError with a one-line message."""
-    path = path or DEFAULT_CONFIG
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
+    """Load YAML at ``path`` (a file, or the name of a packaged config such as
+    ``tiny``; the embedded tiny config when None), apply overrides, build and
+    validate. Raises ConfigError with a one-line message."""
+    path = find_config(path or DEFAULT_CONFIG)
     try:
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}")
-    return config_from_dict(data, overrides, world_size)
+        data = load_yaml_file(path)
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}")
+    except YamlValueError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}")
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of sections (model, moe, "
+                          f"parallel, data, train), got a {type(data).__name__}")
+    return config_from_dict(data or {}, overrides, world_size)
 
 
 def config_from_dict(data: Dict[str, Any], overrides: Optional[List[str]] = None,

@@ -147,9 +147,13 @@ def read_meta(directory: str) -> Optional[Dict]:
     path = os.path.join(directory, "meta.json")
     try:
         with open(path) as fh:
-            return json.load(fh)
+            meta = json.load(fh)
     except FileNotFoundError:
         return None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(meta).__name__}; "
+                         "prepare the dataset again")
+    return meta
 
 
 def _is_current(meta: Optional[Dict], files: List[str], tok: Tokenizer,

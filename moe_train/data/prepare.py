@@ -286,8 +286,14 @@ def _copy_tokenizer(tok: Tokenizer, output_dir: str) -> List[str]:
 # The command
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # One line and exit 2, like every other input error of moe_train.
+        _fail(message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="moe-train prepare-data",
         description="Tokenize documents into train / val token files and meta.json. "
                     + SPLIT_RULE + ".")
@@ -308,6 +314,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default=RAW, choices=LAYOUTS, dest="layout",
                    help="bin (bare ids, default) or megatron (Megatron-LM .bin/.idx)")
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes (default 1)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the dataset already in --output")
     return p
 
 
@@ -319,6 +327,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         _fail(f"--val-fraction ({args.val_fraction}) must be in (0, 1)")
     if args.workers < 1:
         _fail(f"--workers ({args.workers}) must be >= 1")
+    existing = [n for n in ("meta.json", "train.bin", "val.bin")
+                if os.path.exists(os.path.join(args.output, n))]
+    if existing and not args.overwrite:
+        _fail(f"--output {args.output} already holds a dataset ({', '.join(existing)}); "
+              "pass --overwrite to replace it")
     try:
         meta = prepare(args.input, args.output, args.tokenizer, args.val_fraction,
                        workers=args.workers, split_lines=args.split_lines,

@@ -8,8 +8,9 @@ dies, Ray stops the whole group and starts it again (up to
 ``FailureConfig.max_failures`` times), and every worker of the new group
 resumes from the latest checkpoint in the run directory (written atomically
 by the trainer, so a kill in the middle of a save leaves the previous one).
-The driver wipes an earlier run's checkpoints before Ray starts (unless asked
-to resume), so that only checkpoints of this run are ever resumed from.
+The driver claims the run directory before Ray starts (an earlier run there
+is refused, or removed with ``--overwrite``; moe_train.train.run_dir), so
+that only checkpoints of this run are ever resumed from.
 
 At the end, rank 0 reports the final checkpoint to Ray (``ray.train.report``),
 which copies it under ``<run dir>/ray/<name>/`` and hands it back as
@@ -106,7 +107,10 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
         print(f"ray: worker group (re)started; resuming {resume}", flush=True)
     _arm_fault(loop_config.get("fault"), rank, run_dir)
 
-    summary = train(cfg, resume=resume)
+    # The driver claimed the directory (refusing an earlier run without
+    # --overwrite); a group restarted before the first checkpoint replaces
+    # its own first attempt's logs.
+    summary = train(cfg, resume=resume, overwrite=resume is None)
 
     metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
     checkpoint = None

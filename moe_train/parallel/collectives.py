@@ -67,6 +67,17 @@ def reduce_sum(values: torch.Tensor, topology) -> torch.Tensor:
     return values
 
 
+def any_rank(values: torch.Tensor, topology) -> torch.Tensor:
+    """Elementwise maximum of ``values`` over every rank of the job (a new
+    tensor): one small all-reduce through which all ranks agree on flags one
+    rank raised (a stop signal, a non-finite step)."""
+    if not topology.distributed:
+        return values
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
 def gather_tensor_parallel(shard: torch.Tensor, dim: int, topology) -> torch.Tensor:
     """The full tensor whose slices along ``dim`` the TP ranks hold (rank
     order), on every rank of the TP group. Returns ``shard`` itself when TP is 1."""
@@ -78,5 +89,5 @@ def gather_tensor_parallel(shard: torch.Tensor, dim: int, topology) -> torch.Ten
     return torch.cat(parts, dim=dim)
 
 
-__all__ = ["process_group_exists", "group_ranks", "barrier", "broadcast_object", "reduce_mean", "reduce_sum",
+__all__ = ["process_group_exists", "group_ranks", "barrier", "broadcast_object", "reduce_mean", "reduce_sum", "any_rank",
            "gather_tensor_parallel"]

@@ -414,7 +414,8 @@ def load_checkpoint(ckpt_dir: str, model: torch.nn.Module, optimizer: torch.opti
 def load_model(path: str) -> Tuple[torch.nn.Module, Config]:
     """``(model, config)`` from a run directory (its latest checkpoint) or a
     checkpoint directory. The model is on the CPU, in fp32 and in eval mode;
-    ``model(input_ids [B,S]).logits`` has shape [B,S,V]."""
+    ``model(input_ids [B,S]).logits`` has shape [B,S,V]. A model with a NaN
+    or infinite weight is refused (InputError)."""
     from moe_train.model.transformer import build_model
 
     ckpt = find_checkpoint(path)
@@ -424,5 +425,12 @@ def load_model(path: str) -> Tuple[torch.nn.Module, Config]:
         raise InputError(f"{ckpt}: {exc}")
     model = build_model(cfg.model, cfg.moe)
     read_model_optimizer(ckpt, model)
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        # Training never writes such a checkpoint (train/nonfinite.py);
+        # refuse one made otherwise rather than export or serve NaN.
+        raise InputError(f"checkpoint {ckpt} holds non-finite weights ({len(bad)} tensors, "
+                         f"e.g. {bad[0]}); refusing to use it")
     model.eval()
     return model, cfg

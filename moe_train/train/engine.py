@@ -7,7 +7,8 @@ of its state. The loop (:mod:`moe_train.train.trainer`) calls only::
 
     out = engine(inputs)          # forward of one micro-batch
     engine.backward(loss)         # loss of that micro-batch (mean over its tokens)
-    grad_norm = engine.step()     # after the last micro-batch: clip + update
+    norm = engine.clip()          # after the last micro-batch: reduce + clip
+    grad_norm = engine.step()     # update (or engine.skip(): a non-finite step)
     engine.save(run_dir, step, keep_last) / engine.load(ckpt_dir)
 
 Two implementations: :class:`moe_train.train.engine_native.NativeEngine`
@@ -63,8 +64,15 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def step(self) -> torch.Tensor:
-        """After the last micro-batch: :meth:`clip`, update, advance the
-        schedule, clear the gradients. Returns the global gradient norm."""
+        """After the last micro-batch: :meth:`clip` (unless the loop called
+        it this step), update, advance the schedule, clear the gradients.
+        Returns the global gradient norm."""
+
+    def skip(self) -> bool:
+        """Drop this step's gradients without an update (a non-finite step,
+        train/nonfinite.py): advance the schedule, clear the gradients.
+        False where the engine cannot (the loop then calls :meth:`step`)."""
+        return False
 
     @abc.abstractmethod
     def state(self) -> Dict[str, Any]:

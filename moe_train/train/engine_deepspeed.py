@@ -188,15 +188,20 @@ class DeepSpeedEngine(Engine):
         if not boundary:
             self.ds.step()
 
-    def clip(self) -> Optional[torch.Tensor]:
-        if self.max_norm is None:
-            return None  # DeepSpeed clips by the true global norm inside step()
-        from moe_train.parallel import clip_grad_norm
+    _clipped = None  # (norm,) once clip() ran this step, until step() uses it
 
-        return clip_grad_norm(self.ds.module, self.max_norm, self.topology).detach()
+    def clip(self) -> Optional[torch.Tensor]:
+        norm = None  # DeepSpeed clips by the true global norm inside step()
+        if self.max_norm is not None:
+            from moe_train.parallel import clip_grad_norm
+
+            norm = clip_grad_norm(self.ds.module, self.max_norm, self.topology).detach()
+        self._clipped = (norm,)
+        return norm
 
     def step(self) -> torch.Tensor:
-        norm = self.clip()
+        norm = self._clipped[0] if self._clipped is not None else self.clip()
+        self._clipped = None
         self.ds.step()
         if norm is None:
             value = self.ds.get_global_grad_norm()

@@ -24,6 +24,8 @@ class NativeEngine(Engine):
     """Replicated data parallelism with the hand-written bucketed all-reduce
     after the backward (docs/parallelism.md says why)."""
 
+    _norm = None  # set by clip() until step() or skip() uses it
+
     def __init__(self, model: nn.Module, cfg: Config, topology, accum: int):
         self.model, self.cfg, self.topology, self.accum = model, cfg, topology, accum
         self.optimizer = build_optimizer(model, cfg.train)
@@ -34,14 +36,22 @@ class NativeEngine(Engine):
 
     def clip(self) -> torch.Tensor:
         sync_gradients(self.model, self.topology)
-        return clip_grad_norm(self.model, self.cfg.train.grad_clip, self.topology)
+        self._norm = clip_grad_norm(self.model, self.cfg.train.grad_clip, self.topology)
+        return self._norm
 
     def step(self) -> torch.Tensor:
-        norm = self.clip()
+        norm = self._norm if self._norm is not None else self.clip()
+        self._norm = None
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def skip(self) -> bool:
+        self._norm = None
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
 
     def state(self) -> Dict[str, Any]:
         topo = self.topology

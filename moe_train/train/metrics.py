@@ -1,11 +1,13 @@
 """Training metrics: TensorBoard events under RUN_DIR/tb, the same scalars in
-RUN_DIR/metrics.jsonl (one JSON object per logged step), and the console
+RUN_DIR/metrics.jsonl (one strict-JSON object per logged step; a NaN or
+infinite value is written as null), and the console
 progress. Only rank 0 builds an enabled logger; every other rank gets one that
 does nothing, so the trainer calls it unconditionally.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -88,6 +90,7 @@ def tensorboard_layout(drops: bool) -> Dict[str, Dict[str, list]]:
         "optimizer and throughput": {
             "learning rate": ["Multiline", [r"^train/lr$"]],
             "gradient norm (before clipping)": ["Multiline", [r"^train/grad_norm$"]],
+            "skipped non-finite steps": ["Multiline", [r"^train/skipped_steps$"]],
             "tokens/s (all ranks)": ["Multiline", [r"^perf/tokens_per_sec$"]],
             "MFU and TFLOP/s per device": ["Multiline", [r"^perf/(mfu|tflops)$"]],
         },
@@ -152,11 +155,13 @@ class MetricsLogger:
         record: Dict[str, object] = {"step": step}
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, step)
-            record[tag] = float(value)
+            value = float(value)
+            # Strict JSON has no NaN/Infinity: a non-finite value is null.
+            record[tag] = value if math.isfinite(value) else None
         for tag, values in (histograms or {}).items():
             self.writer.add_histogram(tag, values.detach().cpu().double(), step)
             record[tag] = values.detach().cpu().tolist()
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
 
     def image(self, tag: str, rgb_HWC: np.ndarray, step: int) -> None:
         """An RGB uint8 image [H, W, 3] (TensorBoard only)."""

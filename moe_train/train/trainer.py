@@ -41,7 +41,6 @@ import contextlib
 import copy
 import os
 import random
-import shutil
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -55,16 +54,19 @@ from moe_train.console import fmt
 from moe_train.moe.balancing import update_expert_biases
 from moe_train.moe.routing_noise import keyed_micro_batches
 from moe_train.parallel.build import build_parallel_model
-from moe_train.parallel.collectives import (broadcast_object, process_group_exists, reduce_mean,
-                                             reduce_sum)
+from moe_train.parallel.collectives import (any_rank, broadcast_object, process_group_exists,
+                                             reduce_mean, reduce_sum)
 from moe_train.parallel.topology import Topology, destroy_topology, env_world_size, init_topology
 from moe_train.train import InputError
 from moe_train.train import checkpoint as ckpt
+from moe_train.train import nonfinite
+from moe_train.train import run_dir as run_dirs
 from moe_train.train.engine import build_engine, check_engine_config
 from moe_train.train.flops import PerfMeter
 from moe_train.train.heatmap import load_heatmap
-from moe_train.train.metrics import (METRICS_FILE, TB_DIR, MetricsLogger, Progress, can_drop,
+from moe_train.train.metrics import (TB_DIR, MetricsLogger, Progress, can_drop,
                                      moe_layer_metrics, tensorboard_layout)
+from moe_train.train.stop_signals import StopSignals, stopped_line
 
 RUN_CONFIG = "config.yaml"
 
@@ -96,34 +98,8 @@ def _on_main(topology: Topology, fn: Callable[[], Any]) -> None:
 
 
 def _default_run_dir(topology: Topology) -> str:
-    """runs/<YYYYmmdd-HHMMSS>, chosen by rank 0 so every rank agrees."""
-    return broadcast_object(os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")), topology)
-
-
-def prepare_run_dir(run_dir: str, fresh: bool) -> List[str]:
-    """Create ``run_dir`` and check it can be written; for a fresh run, remove
-    what an earlier run left there (its checkpoints, tb/ and metrics.jsonl),
-    so the curves of two runs never mix. Returns the removed names."""
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        probe = os.path.join(run_dir, f".write-test-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as exc:
-        raise InputError(f"train.run_dir ({run_dir}) cannot be written: "
-                         f"{exc.strerror or exc}")
-    removed = []
-    if fresh:
-        for name in (ckpt.CHECKPOINTS, TB_DIR, METRICS_FILE):
-            path = os.path.join(run_dir, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-                removed.append(name)
-            elif os.path.exists(path):
-                os.remove(path)
-                removed.append(name)
-    return removed
+    """runs/<YYYYmmdd-HHMMSS>-<pid>, chosen by rank 0 so every rank agrees."""
+    return broadcast_object(run_dirs.default_run_dir() if topology.is_main else None, topology)
 
 
 # ----------------------------------------------------------------------------
@@ -151,7 +127,8 @@ def _lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor
 class Trainer:
     """One training run. Build it with :func:`train`; ``fit()`` runs it."""
 
-    def __init__(self, cfg: Config, topology: Topology, resume: Optional[str] = None):
+    def __init__(self, cfg: Config, topology: Topology, resume: Optional[str] = None,
+                 overwrite: bool = False):
         # Our own copy: the resolved run_dir is written into it.
         self.cfg = cfg = copy.deepcopy(cfg)
         self.topology = topology
@@ -160,7 +137,10 @@ class Trainer:
         self.accum = t.global_batch_size // (t.micro_batch_size * topology.dp_size)
         self.rows_per_rank = t.global_batch_size // topology.dp_size
 
-        # --- input checks, cheapest first, before anything heavy -------------
+        # --- input checks, cheapest first; nothing is written or deleted
+        # until every one has passed (docs/reliability.md) -----------------
+        self.lock = None
+        self.signals = StopSignals(verbose=topology.is_main)
         self.ckpt_dir = ckpt.find_checkpoint(resume) if resume else None
         # The data decides model.vocab_size when it is null, so it is read
         # before the checkpoint's shapes are compared.
@@ -175,21 +155,9 @@ class Trainer:
             self.init_dir = ckpt.find_checkpoint(t.init_from)
             ckpt.check_compatible(ckpt.read_config(self.init_dir), cfg, self.init_dir)
         t.run_dir = self.run_dir = t.run_dir or _default_run_dir(topology)
-        removed: List[str] = []
-        _on_main(topology, lambda: removed.extend(prepare_run_dir(self.run_dir,
-                                                                  fresh=self.ckpt_dir is None)))
-
+        fresh = self.ckpt_dir is None
+        _on_main(topology, lambda: run_dirs.check(self.run_dir, fresh, overwrite))
         self.log = topology.is_main
-        if self.log:
-            print(f"run dir: {self.run_dir}", flush=True)
-            for warning in config_warnings(cfg):
-                print(f"warning: {warning}", file=sys.stderr, flush=True)
-            if removed:
-                print(f"note: {self.run_dir} held an earlier run ({', '.join(removed)}); "
-                      "starting it over (pass --resume to continue it instead)", flush=True)
-            print(f"tensorboard --logdir {os.path.join(self.run_dir, TB_DIR)} --host 127.0.0.1",
-                  flush=True)
-            save_config(cfg, os.path.join(self.run_dir, RUN_CONFIG))
 
         # --- model, optimizer, schedule --------------------------------------
         _seed_everything(t.seed)
@@ -199,6 +167,9 @@ class Trainer:
             self.model = build_parallel_model(cfg.model, cfg.moe, topology, t.seed, self.device)
         except ValueError as exc:  # a layout the model cannot be split into; names the fields
             raise ConfigError(str(exc))
+        except (RuntimeError, MemoryError) as exc:  # sizes that pass validate() but not malloc
+            raise ConfigError("the model sizes in model.* / moe.* cannot be built: "
+                              + (str(exc).strip().splitlines() or [type(exc).__name__])[0])
         if self.init_dir is not None:
             ckpt.read_model_optimizer(self.init_dir, self.model, None, topology)
             if self.log:
@@ -213,6 +184,43 @@ class Trainer:
                 print(f"resumed from {self.ckpt_dir} at step {self.start_step}", flush=True)
         self.val_data = ({name: _val_data(ds, t) for name, ds in self.data.val.items()}
                          if t.eval_every > 0 else {})
+
+        # --- every input is good: make the run directory this run's ----------
+        removed: List[str] = []
+
+        def claim():
+            self.lock, names = run_dirs.claim(self.run_dir, fresh, overwrite)
+            removed.extend(names)
+
+        _on_main(topology, claim)
+        if self.log:
+            print(f"run dir: {self.run_dir}", flush=True)
+            for warning in config_warnings(cfg):
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
+            if removed:
+                print(f"note: --overwrite removed the earlier run's {', '.join(removed)} "
+                      f"from {self.run_dir}", flush=True)
+            print(f"tensorboard --logdir {os.path.join(self.run_dir, TB_DIR)} --host 127.0.0.1",
+                  flush=True)
+            save_config(cfg, os.path.join(self.run_dir, RUN_CONFIG))
+
+    def _save(self, step: int) -> Optional[str]:
+        """Checkpoint ``step`` and return its path; None, writing nothing,
+        when a weight is not finite (the latest checkpoint stays the latest,
+        and keep_last removes nothing)."""
+        t, topo = self.cfg.train, self.topology
+        if not nonfinite.weights_finite(self.model, topo):
+            if self.log:
+                print(f"warning: step {step}: weights are not finite; no checkpoint written "
+                      "(the latest one is kept)", flush=True)
+            return None
+        return self.engine.save(self.run_dir, step, t.keep_last)
+
+    def release(self) -> None:
+        """Give up the run directory's lock (the end of the run)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _load_data(self):
         from moe_train.data.blend import load_data
@@ -291,9 +299,16 @@ class Trainer:
                     if i == len(selected):
                         selected.append(torch.zeros_like(stats["selected_per_expert"]))
                     selected[i] += stats["selected_per_expert"]
-        grad_norm = engine.step()
+        # The engine clips first so that every rank can agree on skipping a
+        # non-finite step (and on a stop signal) before anything is updated.
+        pre_norm = engine.clip()
+        skip, stop = self._agree(lm_sum + aux_sum, pre_norm)
+        if skip and engine.skip():
+            grad_norm = pre_norm
+        else:  # (an engine that cannot skip, DeepSpeed, updates anyway)
+            grad_norm = engine.step()
         rate = self.cfg.moe.expert_bias_update_rate
-        if rate > 0 and selected:
+        if rate > 0 and selected and not skip:
             # Aux-loss-free balancing steers by the load of the whole global
             # batch: every rank sums the same counts, so the replicated
             # biases stay identical without being sent anywhere.
@@ -303,7 +318,15 @@ class Trainer:
         return {"lm": lm_sum / n, "aux": aux_sum / n,
                 "named": {k: v / n for k, v in named.items()},
                 "counts": counts, "dropped": [d / n for d in dropped],
-                "grad_norm": grad_norm.detach(), "lr": lr}
+                "grad_norm": grad_norm.detach(), "lr": lr, "skipped": skip, "stop": stop}
+
+    def _agree(self, loss: torch.Tensor, grad_norm: Optional[torch.Tensor]):
+        """``(skip, stop signal number)``, the same on every rank: one small
+        all-reduce of this rank's non-finite verdict and received signal."""
+        flags = torch.stack([nonfinite.local_nonfinite(loss, grad_norm),
+                             torch.tensor(float(self.signals.pending()), device=self.device)])
+        skip, stop = any_rank(flags, self.topology).tolist()
+        return skip > 0, int(stop)
 
     def evaluate(self) -> Dict[str, float]:
         """Mean LM loss (cross-entropy only) over the fixed validation batches
@@ -330,6 +353,7 @@ class Trainer:
                       perf: Dict[str, float]):
         """The scalars and histograms of a logged step (averaged over the
         data-parallel ranks; ``counts`` already summed over them)."""
+        # (train/skipped_steps is added by fit: steps skipped since the last log.)
         named = result["named"]
         names = sorted(named)
         # One collective for every scalar, then one host transfer.
@@ -363,6 +387,9 @@ class Trainer:
                                    "tokens_per_sec": None, "checkpoint": self.ckpt_dir}
         run_start = time.time()
         window_time, window_steps = 0.0, 0
+        skips = nonfinite.SkipCounter(t.max_skipped_steps)
+        stopped_by = 0
+        self.signals.install()
         try:
             for step in range(self.start_step, t.max_steps):
                 step_start = time.time()
@@ -376,6 +403,10 @@ class Trainer:
                 is_heatmap = t.heatmap_every > 0 and done % t.heatmap_every == 0
                 is_eval = t.eval_every > 0 and (done % t.eval_every == 0 or done == t.max_steps)
                 is_save = (t.save_every > 0 and done % t.save_every == 0) or done == t.max_steps
+                # A signal agreed on in the last step changes nothing: the run is done.
+                stopped_by = result["stop"] if done < t.max_steps else 0
+                is_save = is_save or bool(stopped_by)
+                diverged = skips.record(done, result["skipped"])
 
                 scalars: Dict[str, float] = {}
                 histograms: Dict[str, torch.Tensor] = {}
@@ -387,6 +418,7 @@ class Trainer:
                     tps = tokens_per_step * window_steps / max(window_time, 1e-9)
                     window_time, window_steps = 0.0, 0
                     scalars, histograms = self._step_metrics(result, counts, perf.scalars(tps))
+                    scalars["train/skipped_steps"] = skips.take_window()
                     summary["train_loss"] = scalars["loss/train"]
                     if summary["first_loss"] is None:
                         summary["first_loss"] = scalars["loss/train"]
@@ -410,12 +442,26 @@ class Trainer:
                 if loss is None and progress.wants_every_step:
                     loss = (result["lm"] + result["aux"]).item()
                 progress.update(done, loss, summary["tokens_per_sec"], is_log)
+                if diverged:
+                    raise skips.error(done, (result["lm"] + result["aux"]).item(),
+                                      result["grad_norm"].item())
                 if is_save:
-                    summary["checkpoint"] = self.engine.save(self.run_dir, done, t.keep_last)
+                    written = self._save(done)
+                    summary["checkpoint"] = written or summary["checkpoint"]
                 summary["steps"] = done
+                if stopped_by:
+                    break
+                self.signals.test_pause(done)
         finally:
+            self.signals.restore()
             progress.close()
             logger.close()
+        summary["stopped_by"] = stopped_by
+        if stopped_by:
+            summary["elapsed_s"] = time.time() - run_start
+            if self.log:
+                print(stopped_line(stopped_by, summary["steps"], written), flush=True)
+            return summary
         ran = summary["steps"] - self.start_step
         summary["elapsed_s"] = time.time() - run_start
         if self.log:
@@ -449,7 +495,7 @@ def _refuse_unbuilt(cfg: Config) -> None:
                           "yet; use none")
 
 
-def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, Any]:
+def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> Dict[str, Any]:
     """Train a model for ``cfg`` and return a summary dict (run_dir, steps,
     first_loss, train_loss, val_loss, tokens_per_sec, checkpoint, elapsed_s).
 
@@ -457,7 +503,11 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, Any]:
     directory to continue from; the continuation reproduces an uninterrupted
     run exactly on CPU in fp32. Launcher-agnostic: joins whatever distributed
     environment the launcher created. Raises ConfigError / InputError (one
-    line, naming the field or path) for bad input, before heavy work.
+    line, naming the field or path) for bad input, before anything is written.
+
+    ``overwrite``: a fresh run may replace the run recorded in
+    ``train.run_dir`` (only the files its manifest lists); without it such a
+    directory is refused (:mod:`moe_train.train.run_dir`).
     """
     cfg.validate(env_world_size())
     _refuse_unbuilt(cfg)
@@ -465,7 +515,11 @@ def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, Any]:
     owns_group = not process_group_exists()
     topology = init_topology(cfg.parallel)
     try:
-        return Trainer(cfg, topology, resume).fit()
+        trainer = Trainer(cfg, topology, resume, overwrite)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.release()
     finally:
         if owns_group:
             destroy_topology(topology)

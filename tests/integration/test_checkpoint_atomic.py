@@ -100,11 +100,11 @@ def test_pointer_fallback_and_fresh_start_over(tmp_path):
     os.remove(tmp_path / "checkpoints" / "latest")
     assert find_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoints" / "step_4")
 
-    # A fresh run in the same directory starts over: nothing of the old run
-    # survives to mix with the new one.
+    # A fresh run with overwrite in the same directory starts over: nothing
+    # of the old run survives to mix with the new one.
     again = load_config(None, TINY + ["train.save_every=1", "train.max_steps=2"])
     again.train.run_dir = str(tmp_path)
-    train(again)
+    train(again, overwrite=True)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step_1", "step_2"]
     with open(tmp_path / "metrics.jsonl") as fh:
         assert [json.loads(line)["step"] for line in fh] == [1, 2]

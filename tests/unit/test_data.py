@@ -212,6 +212,8 @@ def test_prepare_cli(tmp_path, docs, capsys):
     assert json.loads((out / "meta.json").read_text())["val_fraction"] == 0.25
     assert np.array_equal(np.fromfile(out / "val.bin", np.uint16), expected_split(docs, 0.25)[1])
     capsys.readouterr()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
 
     bad_cases = [  # (argv, a word the one-line message must contain)
         (["--input", str(tmp_path / "missing.txt"), "--output", str(tmp_path / "x")],
@@ -221,6 +223,10 @@ def test_prepare_cli(tmp_path, docs, capsys):
          "--val-fraction"),
         (["--input", docs[0], "--output", str(tmp_path / "z"), "--tokenizer", "/no/tok.json"],
          "tokenizer"),
+        # An existing dataset is replaced only with --overwrite; an empty input is refused.
+        (["--input", docs[0], "--output", str(out)], "--overwrite"),
+        (["--input", str(empty), "--output", str(tmp_path / "e")], "empty"),
+        (["--output", str(tmp_path / "e")], "--input"),  # argparse's own errors too
     ]
     for argv, word in bad_cases:
         with pytest.raises(SystemExit) as exc:
@@ -229,6 +235,8 @@ def test_prepare_cli(tmp_path, docs, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error:"), err
         assert word in err, err
+    assert not (tmp_path / "e").exists()
+    assert prepare_main(["--input", *docs, "--output", str(out), "--overwrite"]) == 0
 
 
 # ----------------------------------------------------------------------------

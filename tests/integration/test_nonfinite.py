@@ -53,7 +53,7 @@ def test_huge_lr_stops_with_exit_3_and_keeps_finite_checkpoints(tmp_path):
     records = strict_records(run_dir / "metrics.jsonl")
     skipped = [r["step"] for r in records if r["train/skipped_steps"] == 1]
     assert len(skipped) == 3 and skipped[-1] == records[-1]["step"] < 20
-    assert any(None in (r["train/grad_norm"], r["train/loss"]) for r in records)
+    assert any(None in (r["train/grad_norm"], r["loss/train"]) for r in records)
     # keep_last=1: the one checkpoint left is finite and loads.
     latest = ckpt.find_checkpoint(str(run_dir))
     assert all_finite(read_state(os.path.join(latest, "model")))

@@ -27,7 +27,7 @@ TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=4",
         "train.seq_len=16", "train.global_batch_size=4", "train.micro_batch_size=2",
         "train.log_every=1", "train.eval_every=0", "train.heatmap_every=0",
         "train.warmup_steps=2", "train.lr=0.01", "train.max_steps=5", "train.save_every=0"]
-KEYS = ("train/loss", "train/lm_loss", "train/aux_loss", "train/grad_norm", "train/lr")
+KEYS = ("loss/train", "train/lm_loss", "train/aux_loss", "train/grad_norm", "train/lr")
 CHILD_ENV = dict(os.environ, OMP_NUM_THREADS="1")  # the same float reductions as this process
 
 

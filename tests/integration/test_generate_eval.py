@@ -45,7 +45,18 @@ RUNS = {"fp32": ["train.precision=fp32"], "bf16": ["train.precision=bf16"],
 
 @pytest.fixture(scope="module", params=sorted(RUNS))
 def trained_run(request, tmp_path_factory):
-    cfg = load_config(None, TINY + RUNS[request.param])
+    extra = []
+    if request.param == "document_mask":
+        # Short documents (one per line), so the validation rows cross
+        # document ends and the mask changes the loss.
+        from moe_train.data import prepare
+
+        root = tmp_path_factory.mktemp("docs")
+        lines = [f"Line {i}: " + "to be or not to be " * (1 + i % 3) for i in range(300)]
+        (root / "docs.txt").write_text("\n".join(lines) + "\n")
+        prepare([str(root / "docs.txt")], str(root / "data"), "byte", 0.2, split_lines=True)
+        extra = [f"data.dataset={root / 'data'}"]
+    cfg = load_config(None, TINY + RUNS[request.param] + extra)
     cfg.train.run_dir = str(tmp_path_factory.mktemp("run"))
     train(cfg)
     return cfg.train.run_dir
@@ -64,6 +75,8 @@ def test_eval_gives_the_runs_last_val_loss(trained_run):
     # sums fp32 batch means, eval sums them in float64 (one rounding of 2^-24).
     assert abs(got["loss"] - last_val_loss(trained_run)) < 1e-6
     assert got["tokens"] == 2 * 2 * 32 and got["bytes"] <= got["tokens"]  # EOD is no byte
+    if "docs" in json.dumps(got["data"]):
+        assert got["bytes"] < got["tokens"]  # the document-masked run crosses document ends
     assert got["bits_per_byte"] == pytest.approx(
         got["loss"] / math.log(2) * got["tokens"] / got["bytes"], rel=1e-12)
     assert got["perplexity"] == pytest.approx(math.exp(got["loss"]), rel=1e-12)

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from moe_train.config_limits import check_limits, show
+from moe_train.config_limits import check_int_limits, check_limits, show
 from moe_train.config_yaml import YamlValueError, load_yaml, load_yaml_file
 
 
@@ -374,7 +374,7 @@ def _walk(obj: Any, prefix: str):
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """Check every cross-field rule of ``cfg``; ``world_size`` adds the
     parallel-layout rules. Raises ConfigError."""
-    check_limits(cfg, ConfigError)  # first: later messages format the values
+    check_int_limits(cfg, ConfigError)  # first: later messages format the values
     for path, value in _walk(cfg, ""):
         if path in CHOICES:
             check_choice(path, value)
@@ -516,6 +516,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _check(t.global_batch_size % t.micro_batch_size == 0,
                f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
                f"train.micro_batch_size ({t.micro_batch_size})")
+    check_limits(cfg, ConfigError)  # what torch/numpy would refuse later (config_limits.py)
 
 
 def config_warnings(cfg: Config) -> List[str]:

@@ -46,17 +46,26 @@ def show(value: Any) -> str:
     return repr(value)
 
 
-def check_limits(cfg: Any, error=ValueError) -> None:
-    """Raise ``error`` (config.ConfigError) naming the first field of ``cfg``
-    (a Config) that is outside the limits in the module docstring."""
+def check_int_limits(cfg: Any, error=ValueError) -> None:
+    """Raise ``error`` (config.ConfigError) naming the first integer field of
+    ``cfg`` (a Config) outside ``±2**31``. Runs before any other check, whose
+    messages format the values."""
     for path, value in _fields(cfg):
-        if isinstance(value, bool) or value is None:
+        if isinstance(value, bool) or not isinstance(value, int) or path == "train.seed":
             continue
-        if isinstance(value, float) and not math.isfinite(value):
-            raise error(f"{path} ({value}) must be a finite number")
-        if isinstance(value, int) and path != "train.seed" and not -INT_LIMIT < value < INT_LIMIT:
+        if not -INT_LIMIT < value < INT_LIMIT:
             raise error(f"{path} ({show(value)}) must be between -2**31 and 2**31 "
                         "(exclusive)")
+
+
+def check_limits(cfg: Any, error=ValueError) -> None:
+    """Raise ``error`` (config.ConfigError) naming the first field of ``cfg``
+    (a Config) that is outside the other limits in the module docstring (run
+    after the component checks, whose messages are more specific)."""
+    check_int_limits(cfg, error)
+    for path, value in _fields(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise error(f"{path} ({value}) must be a finite number")
     t = cfg.train
     if not 0 <= t.seed < SEED_LIMIT:
         raise error(f"train.seed ({show(t.seed)}) must be in [0, 2**32)")

@@ -10,9 +10,10 @@ derives, per rank:
   parallel); routed experts over EP; everything over
   ``parallel.dp_shard_size`` (FSDP2: dense parameters across that many
   data-parallel ranks, expert parameters across ``gcd(dp_shard_size,
-  dp / ep)`` expert-data-parallel ranks). With ``train.deepspeed_config`` its
-  ZeRO stage shards the optimizer (1), then gradients (2), then parameters
-  (3) over the data-parallel ranks (expert-data-parallel ones for experts).
+  dp / ep)`` expert-data-parallel ranks). With ``train.deepspeed_config``
+  (resolved and checked as train does) its ZeRO stage shards the optimizer
+  (1), then the gradients (2) over the data-parallel ranks
+  (expert-data-parallel ones for experts).
   Bytes per parameter (ZeRO paper, arXiv 1910.02054): the native engine keeps
   fp32 weights and gradients under bf16 autocast, so 4 + 4 + 8 (two AdamW
   moments); DeepSpeed bf16 keeps bf16 weights and gradients, 2 + 2 + 12 (fp32
@@ -102,15 +103,13 @@ def count_params(cfg: Config) -> ParamCounts:
     return counts
 
 
-def _deepspeed(cfg: Config) -> Optional[dict]:
-    path = cfg.train.deepspeed_config
-    if not path:
+def _deepspeed(cfg: Config, world: int) -> Optional[dict]:
+    # The config DeepSpeed would get ("auto" resolved from our fields).
+    if not cfg.train.deepspeed_config:
         return None
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"train.deepspeed_config: cannot read {path}: {exc}")
+    from moe_train.train.deepspeed_config import resolve_deepspeed_config
+
+    return resolve_deepspeed_config(cfg, world)
 
 
 def _enabled(ds: dict, key: str) -> bool:
@@ -126,7 +125,7 @@ def rank_bytes(cfg: Config, counts: ParamCounts, world: int) -> Dict[str, int]:
     expert_dp = dp // ep
     dense = counts.tp_sharded / tp + counts.replicated
     expert = counts.expert / ep
-    ds = _deepspeed(cfg)
+    ds = _deepspeed(cfg, world)
     if ds is None:
         shard = p.dp_shard_size
         expert_shard = math.gcd(shard, expert_dp)
@@ -282,6 +281,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.world < 1:
             raise ConfigError(f"--world ({args.world}) must be >= 1")
         cfg = load_config(args.config, args.set, args.world)
+        from moe_train.train.engine import check_engine_config
+
+        check_engine_config(cfg, args.world)  # the DeepSpeed config's own checks, as train
         plan = make_plan(cfg, args.world)
     except (_UsageError, ConfigError) as exc:
         return fail(str(exc))

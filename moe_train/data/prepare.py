@@ -178,14 +178,16 @@ def prepare(inputs: Sequence[str], output_dir: str, tokenizer: Union[str, Tokeni
     eod_arr = np.array([eod], dtype=np.int64)
     written = {"train": 0, "val": 0}  # tokens in each split's file, end-of-document ids included
     bar = _progress(sum(s["bytes"] for s in sources), progress)
+    results = None
     try:
         for split in ("train", "val"):
             writers[split] = make_writer(layout, output_dir, split, dtype)
         source_of: List[int] = []
         blocks = _all_blocks(files, opts, block_bytes, source_of)
         pieces: List[np.ndarray] = []  # of a whole-file .txt document still being read
-        for n, (arrays, ends, nbytes) in enumerate(
-                _tokenized(blocks, tok, spec, eod_token, opts, workers)):
+        # Closed in the finally below, so an error stops the workers at once.
+        results = _tokenized(blocks, tok, spec, eod_token, opts, workers)
+        for n, (arrays, ends, nbytes) in enumerate(results):
             src = sources[source_of[n]]
             last = len(arrays) - 1
             for j, ids in enumerate(arrays):
@@ -222,6 +224,8 @@ def prepare(inputs: Sequence[str], output_dir: str, tokenizer: Union[str, Tokeni
             os.rmdir(output_dir)
         raise
     finally:
+        if results is not None:
+            results.close()
         if bar is not None:
             bar.close()
 

@@ -127,16 +127,19 @@ def random_run(tmp_path_factory):
     return make
 
 
-def test_greedy_equals_transformers_generate(random_run, tmp_path):
+@pytest.mark.parametrize("model_type,overrides", [
+    ("mixtral", []), ("qwen3_moe", ["model.qk_norm=head", "model.kv_channels=16"])])
+def test_greedy_equals_transformers_generate(random_run, tmp_path, model_type, overrides):
     transformers = pytest.importorskip("transformers")
     from moe_train.train.export import export_hf
 
-    model, cfg, run_dir = random_run()
+    model, cfg, run_dir = random_run(overrides)
     prompt = "ROMEO: "
     ids = ByteTokenizer().encode(prompt)
     ours = list(generate_ids(model, ids, 30, temperature=0.0, stop_id=ByteTokenizer.eod_id))
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         export_hf(model, cfg, str(tmp_path / "hf")), local_files_only=True).eval()
+    assert hf.config.model_type == model_type
     with torch.no_grad():
         theirs = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                              max_new_tokens=30, do_sample=False)[0, len(ids):].tolist()

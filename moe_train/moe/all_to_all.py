@@ -128,15 +128,16 @@ class AllToAllDispatcher:
         perm = make_permutation(decision, x_TD.shape[0])
         x_ND = permute(x_TD, perm)
         send_E = perm.tokens_per_expert_E
-        # 2. Counts, then rows. One host sync for the split sizes (needed by
-        #    all_to_all_single and by the experts' slicing anyway).
+        # 2. Counts, then rows.
         recv_RL = self._exchange_counts(send_E)
-        send_splits = send_E.view(self.ep_size, self.num_local_experts).sum(1).tolist()
-        recv_splits = recv_RL.sum(1).tolist()
+        # The one host sync of an EP layer: all_to_all_single needs the split
+        # sizes on the host. Both lists come over in one copy.
+        send_splits, recv_splits = torch.stack(
+            [send_E.view(self.ep_size, self.num_local_experts).sum(1), recv_RL.sum(1)]).tolist()
         x_recv_MD = self._exchange_rows(x_ND, send_splits, recv_splits)
         # 3. Local regroup: rows arrive by (source rank, expert); experts
         #    want (expert, source rank).
-        regroup_M = chunk_sort_index(recv_RL)
+        regroup_M = chunk_sort_index(recv_RL, total=sum(recv_splits))
         x_routed_MD = x_recv_MD.index_select(0, regroup_M)
         meta = AllToAllMeta(perm=perm, send_splits=send_splits, recv_splits=recv_splits,
                             regroup_M=regroup_M)

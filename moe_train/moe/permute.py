@@ -12,7 +12,7 @@ R ranks, N kept (token, expert) assignments, M rows received by a rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -175,7 +175,7 @@ def inverse_index(index_M: torch.Tensor) -> torch.Tensor:
     return inverse_M
 
 
-def chunk_sort_index(counts_RL: torch.Tensor) -> torch.Tensor:
+def chunk_sort_index(counts_RL: torch.Tensor, total: Optional[int] = None) -> torch.Tensor:
     """Gather index that regroups rank-major chunks into expert-major order.
 
     After the all-to-all, a rank holds the rows of source rank 0 (grouped by
@@ -183,7 +183,8 @@ def chunk_sort_index(counts_RL: torch.Tensor) -> torch.Tensor:
     (r, l) holds ``counts_RL[r, l]`` rows. ``rows[index]`` lists expert 0's
     rows from every source rank, then expert 1's, ... (source order kept), the
     layout the experts need. ``inverse_index(index)`` undoes it before the
-    return exchange.
+    return exchange. ``total`` (the sum of the counts, when the caller knows
+    it on the host) spares a device-to-host sync.
     """
     R, L = counts_RL.shape
     counts_flat = counts_RL.reshape(-1)
@@ -192,8 +193,10 @@ def chunk_sort_index(counts_RL: torch.Tensor) -> torch.Tensor:
     chunk_ids = torch.arange(R * L, device=counts_RL.device).view(R, L).t().reshape(-1)
     counts_new = counts_flat.index_select(0, chunk_ids)
     starts_new = starts_flat.index_select(0, chunk_ids)
-    total = int(counts_flat.sum())
+    if total is None:
+        total = int(counts_flat.sum())
     chunk_start_in_new = torch.cumsum(counts_new, 0) - counts_new
     offset_within_chunk = (torch.arange(total, device=counts_RL.device)
-                           - torch.repeat_interleave(chunk_start_in_new, counts_new))
-    return torch.repeat_interleave(starts_new, counts_new) + offset_within_chunk
+                           - torch.repeat_interleave(chunk_start_in_new, counts_new,
+                                                     output_size=total))
+    return torch.repeat_interleave(starts_new, counts_new, output_size=total) + offset_within_chunk

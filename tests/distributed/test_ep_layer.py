@@ -29,6 +29,8 @@ from moe_train.moe import MoELayer
 from moe_train.moe.dispatcher import LocalDispatcher
 from moe_train.moe.routing import RoutingDecision
 
+from sync_counter import SyncCounter
+
 from .harness import assert_checks, init_topology_gloo, run_distributed
 
 D, FFN, E, B, S = 8, 16, 8, 4, 3
@@ -103,8 +105,9 @@ def ep_worker(rank: int, world: int, ep: int):
         layer = apply_expert_parallel(build_layer(case, impl), topo)
         x, proj = rank_inputs(rank)
         x.requires_grad_(True)
-        out = layer(x)
-        loss_of(out, proj).backward()
+        with SyncCounter() as syncs:   # ops that would sync on CUDA
+            out = layer(x)
+            loss_of(out, proj).backward()
         checks = [("output", out.output.detach(), ref_out[rank]),
                   ("aux_loss", out.aux_loss.detach(), ref_aux[rank]),
                   ("x.grad", x.grad, ref_xg[rank])]
@@ -123,7 +126,7 @@ def ep_worker(rank: int, world: int, ep: int):
             for gn, g in logical_entries(layer, n, p.grad):
                 expected = sum(grads[gn] for grads in ref_grads) / world
                 checks.append((f"synced {gn}", g, expected))
-        report[f"{case}/{impl}"] = {"checks": checks, "names": names,
+        report[f"{case}/{impl}"] = {"checks": checks, "names": names, "syncs": dict(syncs.counts),
                         "all_names": list(ref_grads[0]),
                         "local_experts": layer.experts.num_experts}
     report["dispatcher_edge"] = dispatcher_edge_case(rank, topo)
@@ -196,6 +199,25 @@ def test_ep_layer_equals_ep1(ep_run, case, impl):
         covered.update(r["names"])
     # Every parameter (every expert's slice) of the EP=1 layer was compared on some rank.
     assert covered == set(reports[0][f"{case}/{impl}"]["all_names"])
+
+
+# Host syncs of one EP layer's forward and backward with grouped_mm: the
+# split sizes all_to_all_single needs (one copy of both lists), plus the one
+# of capacity (how many assignments were kept). Expert choice's slot schedule
+# selects with boolean masks (its router is not held to a budget yet): only
+# the exchange is checked there.
+SYNC_BUDGET = {"token_choice_k1_dropless": 1, "token_choice_k2_dropless_shared": 1,
+               "token_choice_k2_capacity_1": 2}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ep_grouped_mm_host_syncs(ep_run, case):
+    _, reports = ep_run
+    for rank, report in enumerate(reports):
+        syncs = report[f"{case}/grouped_mm"]["syncs"]
+        if SYNC_BUDGET.get(case) is not None:
+            assert sum(syncs.values()) <= SYNC_BUDGET[case], (rank, syncs)
+        assert syncs.get("tolist", 0) == 1, (rank, syncs)   # the split-size exchange
 
 
 def test_dispatcher_empty_and_remote_ranks(ep_run):

@@ -90,6 +90,9 @@ def hf_to_model(tensors, model: nn.Module, model_type: str, upcycle: bool = Fals
 
     for hf_name, ours in _common_names(model):
         put(ours, _take(tensors, hf_name), hf_name)
+    if model.lm_head.weight is model.embed.weight and "lm_head.weight" in tensors:
+        # Tied: some checkpoints still store the head; it is the embedding.
+        _take(tensors, "lm_head.weight")
     for i, block in enumerate(model.blocks):
         if not block.is_moe:
             continue

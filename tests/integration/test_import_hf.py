@@ -33,7 +33,8 @@ CONFIGS = {
         norm_topk_prob=True, head_dim=16, decoder_sparse_step=1, mlp_only_layers=[0], **COMMON),
     "llama": lambda: transformers.LlamaConfig(intermediate_size=40, **COMMON),
     "mistral": lambda: transformers.MistralConfig(intermediate_size=40, sliding_window=None, **COMMON),
-    "qwen3": lambda: transformers.Qwen3Config(intermediate_size=40, head_dim=16, **COMMON),
+    "qwen3": lambda: transformers.Qwen3Config(intermediate_size=40, head_dim=16,
+                                              tie_word_embeddings=True, **COMMON),
 }
 MOE, DENSE = ("mixtral", "olmoe", "qwen3_moe"), ("llama", "mistral", "qwen3")
 
@@ -127,6 +128,7 @@ def test_upcycled_logits_equal_the_dense_model(hf_dirs, tmp_path, mt):
     # the only difference is the rounding of g1*y + g2*y (~1e-7 relative).
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(want, hf_logits(hf_dirs[mt], ids), rtol=1e-4, atol=1e-4)
+    assert cfg.model.tie_embeddings == (mt == "qwen3")
     # The routers start random, not uniform: the experts are told apart from step 1.
     assert moe.blocks[0].ffn.router.weight.abs().sum() > 0
 

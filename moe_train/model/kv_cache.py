@@ -8,8 +8,9 @@ A forward with a cache attends the S new queries to every key written so far
 repetition: a key's rotation depends only on its own position, so it never
 needs to be recomputed, and storing G heads instead of H saves H/G of the
 memory. The new queries sit at positions ``L - S .. L - 1``; the causal mask
-and the ALiBi distances are offset by that, so a cached forward computes what
-the same positions get in one full forward (tests/unit/test_kv_cache.py).
+and the ALiBi distances are offset by that (``Attention.shared_inputs``), so
+a cached forward computes what the same positions get in one full forward
+(tests/unit/test_kv_cache.py).
 
 Dynamic NTK RoPE (the base grows with the sequence length) is the exception:
 cached keys keep the base of the call that wrote them, as in transformers.
@@ -20,7 +21,6 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from moe_train.model.positional import alibi_bias
 
 
 class LayerKVCache:
@@ -49,36 +49,6 @@ class LayerKVCache:
         self.v_BLGd[:, self.length:end] = v_BSGd
         self.length = end
         return self.k_BLGd[:, :end], self.v_BLGd[:, :end]
-
-    def attn_bias(self, attn, q_len: int, device: torch.device) -> Optional[torch.Tensor]:
-        """SDPA ``attn_mask`` for ``q_len`` new queries against the
-        ``self.length`` keys (call after :meth:`update`): fp32 ``[H, S, L]``
-        ALiBi plus causal mask for ALiBi, an fp32 ``[S, L]`` causal mask for
-        RoPE, or None when one query sees every key (RoPE, S = 1)."""
-        L = self.length
-        if attn.rotary is None:
-            # Only the S rows of the new queries (positions L-S..L-1) of the
-            # [H, L, L] bias: building the whole square each step would cost
-            # O(L^2) per layer per token. fp32, as in the full forward.
-            distance_SL = (torch.arange(L - q_len, L, device=device, dtype=torch.float32)[:, None]
-                           - torch.arange(L, device=device, dtype=torch.float32)[None, :])
-            slopes_H = attn.alibi_slopes().to(device=device, dtype=torch.float32)
-            bias_HSL = -slopes_H[:, None, None] * distance_SL
-            return bias_HSL.masked_fill(distance_SL < 0, float("-inf"))
-        if q_len == 1:
-            return None
-        future_SL = torch.ones(q_len, L, dtype=torch.bool, device=device).triu(L - q_len + 1)
-        return torch.zeros(q_len, L, device=device).masked_fill(future_SL, float("-inf"))
-
-
-def attn_bias_reference(attn, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """Slow reference of :meth:`LayerKVCache.attn_bias`: the last ``q_len``
-    rows of the full forward's ``[H, L, L]`` bias (ALiBi) or causal mask (RoPE)."""
-    if attn.rotary is None:
-        return alibi_bias(attn.alibi_slopes().to(device), kv_len, device)[:, kv_len - q_len:]
-    future = torch.ones(kv_len, kv_len, dtype=torch.bool, device=device).triu(1)
-    full = torch.zeros(kv_len, kv_len, device=device).masked_fill(future, float("-inf"))
-    return full[kv_len - q_len:]
 
 
 class KVCache:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from moe_train.config import config_from_dict
-from moe_train.model.kv_cache import KVCache, LayerKVCache, attn_bias_reference
+from moe_train.model.kv_cache import KVCache
+from moe_train.model.positional import alibi_bias
 from moe_train.model.transformer import build_model
 
 V, S = 64, 12
@@ -88,15 +89,24 @@ def test_cache_overflow_is_refused():
             model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
 
 
+def mask_reference(attn, q_len, kv_len):
+    """The last ``q_len`` rows of the full forward's [H, L, L] ALiBi bias or
+    [L, L] causal mask: what queries after ``kv_len - q_len`` cached keys see."""
+    if attn.rotary is None:
+        return alibi_bias(attn.alibi_slopes(torch.device("cpu")), kv_len)[:, kv_len - q_len:]
+    future = torch.ones(kv_len, kv_len, dtype=torch.bool).triu(1)
+    return torch.zeros(kv_len, kv_len).masked_fill(future, float("-inf"))[kv_len - q_len:]
+
+
 @pytest.mark.parametrize("name", ["rope_half", "alibi_6_heads"])
-def test_attn_bias_equals_the_rows_of_the_full_bias(name):
+def test_decode_mask_is_the_rows_of_the_full_mask(name):
     attn = model_for(VARIANTS[name]).blocks[0].attn
     for q_len, kv_len in [(1, 1), (1, 9), (4, 9), (9, 9)]:
-        cache = LayerKVCache(16)
-        cache.length = kv_len
-        got = cache.attn_bias(attn, q_len, torch.device("cpu"))
-        ref = attn_bias_reference(attn, q_len, kv_len, torch.device("cpu"))
-        if got is None:  # one RoPE query sees every key: no mask at all
-            assert q_len == 1 and torch.isfinite(ref).all()
+        positions = torch.arange(kv_len - q_len, kv_len)
+        shared = attn.shared_inputs(q_len, kv_len, positions, torch.float32)
+        ref = mask_reference(attn, q_len, kv_len)
+        if shared.mask is None:  # SDPA's is_causal (square) or one query seeing every key
+            assert ((q_len == kv_len and shared.is_causal)
+                    or (q_len == 1 and not shared.is_causal and torch.isfinite(ref).all()))
         else:
-            assert torch.equal(got.expand_as(ref), ref), (q_len, kv_len)
+            assert torch.equal(shared.mask.expand_as(ref), ref), (q_len, kv_len)

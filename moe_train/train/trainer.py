@@ -53,6 +53,7 @@ from moe_train.config import Config, ConfigError, config_warnings, save_config
 from moe_train.console import fmt
 from moe_train.moe.balancing import update_expert_biases
 from moe_train.moe.routing_noise import keyed_micro_batches
+from moe_train.model.recompute import apply_recompute
 from moe_train.parallel.build import build_parallel_model
 from moe_train.parallel.collectives import (any_rank, broadcast_object, process_group_exists,
                                              reduce_mean, reduce_sum)
@@ -165,6 +166,7 @@ class Trainer:
         # each initialized from (train.seed, its unsharded name).
         try:
             self.model = build_parallel_model(cfg.model, cfg.moe, topology, t.seed, self.device)
+            apply_recompute(self.model, t.recompute)
         except ValueError as exc:  # a layout the model cannot be split into; names the fields
             raise ConfigError(str(exc))
         except (RuntimeError, MemoryError) as exc:  # sizes that pass validate() but not malloc
@@ -490,9 +492,6 @@ def _refuse_unbuilt(cfg: Config) -> None:
     if cfg.parallel.dp_shard_size > 1:
         raise ConfigError(f"parallel.dp_shard_size ({cfg.parallel.dp_shard_size}): sharded "
                           "data parallelism is not built yet; use 1")
-    if cfg.train.recompute != "none":
-        raise ConfigError(f"train.recompute ({cfg.train.recompute}): recompute is not built "
-                          "yet; use none")
 
 
 def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> Dict[str, Any]:

@@ -156,7 +156,9 @@ def import_hf(hf_dir: str, output: str, overrides: Sequence[str] = (),
                          os.path.join(output, "tokenizer.json") if has_tokenizer else None)
 
     from moe_train.model.transformer import build_model
+    from moe_train.parallel.topology import Topology
     from moe_train.train.checkpoint import CONFIG_FILE, write_model_optimizer
+    from moe_train.train.checkpoint_manifest import write_manifest
 
     torch.manual_seed(cfg.train.seed)  # the upcycled routers' random init
     model = build_model(cfg.model, cfg.moe)
@@ -178,6 +180,7 @@ def import_hf(hf_dir: str, output: str, overrides: Sequence[str] = (),
         with open(os.path.join(tmp, PROVENANCE_FILE), "w") as fh:
             json.dump({"source": os.path.abspath(hf_dir), "model_type": hf["model_type"],
                        "upcycle_experts": upcycle_experts}, fh, indent=2)
+        write_manifest(tmp, None, Topology())  # checksums, verified by every load
         if os.path.exists(output):
             shutil.rmtree(output)
         os.rename(tmp, output)

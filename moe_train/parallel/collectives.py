@@ -46,6 +46,16 @@ def broadcast_object(obj: Any, topology, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any, topology) -> List[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (a list of one in a
+    single process)."""
+    if not topology.distributed:
+        return [obj]
+    out: List[Any] = [None] * topology.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def reduce_mean(values: torch.Tensor, topology) -> torch.Tensor:
     """Mean of ``values`` over the data-parallel ranks (a new tensor; the
     input is not changed). Metrics only: TP ranks hold identical values, so
@@ -89,5 +99,5 @@ def gather_tensor_parallel(shard: torch.Tensor, dim: int, topology) -> torch.Ten
     return torch.cat(parts, dim=dim)
 
 
-__all__ = ["process_group_exists", "group_ranks", "barrier", "broadcast_object", "reduce_mean", "reduce_sum", "any_rank",
+__all__ = ["process_group_exists", "group_ranks", "barrier", "broadcast_object", "all_gather_object", "reduce_mean", "reduce_sum", "any_rank",
            "gather_tensor_parallel"]

@@ -4,7 +4,8 @@ and independent of the parallel layout that wrote them.
 Layout of a run directory::
 
     RUN_DIR/checkpoints/step_N/   model/, optimizer/ (torch.distributed.checkpoint),
-                                  trainer.pt, rng/rank_R.pt, config.yaml
+                                  trainer.pt, rng/rank_R.pt, config.yaml,
+                                  manifest.json (size + sha256 of every file)
     RUN_DIR/checkpoints/latest    one line: the name of the newest complete step_N
 
 Model and optimizer state are DCP checkpoints in a logical layout (EP=1,
@@ -24,6 +25,13 @@ killed at any moment leaves either the old ``latest`` pointing at a complete
 checkpoint, or the new one; a stale ``.tmp-*`` directory is removed by the
 next save. Ranks on several nodes must share the filesystem of the run dir.
 
+Before the rename the ranks hash every file into ``manifest.json``
+(:mod:`moe_train.train.checkpoint_manifest`); :func:`find_checkpoint`
+verifies it and falls back from a bad latest checkpoint to the newest good
+one. A full disk is checked before a save and cleaned up after a failed one
+(:mod:`moe_train.train.checkpoint_space`): SaveError, the previous checkpoint
+intact.
+
 Model and optimizer state go through :func:`write_model_optimizer` and
 :func:`read_model_optimizer` only. DeepSpeed-engine checkpoints
 (:mod:`moe_train.train.engine_deepspeed`) carry the same ``model/`` beside the
@@ -35,6 +43,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -44,9 +53,11 @@ import yaml
 
 from moe_train.config import Config, ConfigError, config_from_dict, moe_for_model, save_config
 from moe_train.parallel import dist_checkpoint
-from moe_train.parallel.collectives import barrier
+from moe_train.parallel.collectives import all_gather_object, barrier, broadcast_object
 from moe_train.parallel.topology import Topology
 from moe_train.train import InputError
+from moe_train.train import checkpoint_manifest as manifests
+from moe_train.train import checkpoint_space as space
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -126,6 +137,9 @@ def read_model_optimizer(ckpt_dir: str, model: torch.nn.Module,
         dist_checkpoint.load(ckpt_dir, model, optimizer, topology)
     except dist_checkpoint.CheckpointError as exc:
         raise InputError(f"checkpoint {ckpt_dir}: {exc}")
+    except write_errors() + (EOFError, ValueError) as exc:  # garbled files past the manifest
+        raise InputError(f"checkpoint {ckpt_dir} cannot be read ({type(exc).__name__}: "
+                         + (str(exc).strip().splitlines() or [""])[0][:200] + ")")
 
 
 # ----------------------------------------------------------------------------
@@ -239,40 +253,102 @@ def _fsync_tree(path: str) -> None:
         _fsync_dir(parent)
 
 
+def write_errors():
+    """The exceptions a failed checkpoint write raises (OSError and torch's
+    and DCP's wrappers of it), for ``except`` clauses around the writes."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (OSError, RuntimeError, CheckpointException)
+
+
+def _latest(root: str) -> Optional[str]:
+    """The checkpoint ``root/latest`` names, if any."""
+    try:
+        with open(os.path.join(root, LATEST)) as fh:
+            path = os.path.join(root, fh.read().strip())
+    except OSError:
+        return None
+    return path if os.path.isdir(path) else None
+
+
 def begin_save(run_dir: str, step: int, topology: Topology) -> str:
     """First stage of the atomic save protocol (a collective): rank 0 removes
-    temporary directories left by killed saves and creates a clean
-    ``checkpoints/.tmp-step_N`` with its rng/ folder. Returns that path."""
+    temporary directories left by killed saves, checks the free space against
+    the previous checkpoint's size (checkpoint_space.py) and creates a clean
+    ``checkpoints/.tmp-step_N`` with its rng/ folder. Returns that path;
+    raises SaveError on every rank when there is no room."""
     root = os.path.join(run_dir, CHECKPOINTS)
     tmp = os.path.join(root, TMP_PREFIX + f"step_{step}")
+    error = None
     if topology.is_main:
-        os.makedirs(root, exist_ok=True)
-        for entry in os.listdir(root):
-            if entry.startswith(TMP_PREFIX):  # left by a save that was killed
-                shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
-        os.makedirs(os.path.join(tmp, RNG_DIR))
-    barrier(topology)  # the clean temporary directory exists for every rank
+        previous = None
+        try:
+            os.makedirs(root, exist_ok=True)
+            for entry in os.listdir(root):
+                if entry.startswith(TMP_PREFIX):  # left by a save that was killed
+                    shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+            previous = _latest(root)
+            space.check_before(run_dir, step, previous,
+                               manifests.manifest_bytes(previous) if previous else 0)
+            os.makedirs(os.path.join(tmp, RNG_DIR))
+        except space.SaveError as exc:
+            error = str(exc)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = str(space.failed(run_dir, step, space.describe(exc), 0, previous))
+    error = broadcast_object(error, topology)  # and every rank waits for the directory
+    if error:
+        raise space.SaveError(error)
     return tmp
 
 
+def _agree_or_abandon(error: Optional[str], tmp: str, step: int, topology: Topology) -> None:
+    """Every rank learns whether any rank failed to write; if one did, rank 0
+    removes ``tmp`` and every rank raises the same SaveError."""
+    errors = all_gather_object(error, topology)
+    error = next((e for e in errors if e), None)
+    if error is None:
+        return
+    message = None
+    if topology.is_main:
+        root = os.path.dirname(tmp)
+        needed = space.tree_bytes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        message = str(space.failed(os.path.dirname(root), step, error, needed, _latest(root)))
+    raise space.SaveError(broadcast_object(message, topology))
+
+
 def finish_save(tmp: str, step: int, cfg: Config, keep_last: int, topology: Topology,
-                trainer_state: Dict[str, Any]) -> str:
+                trainer_state: Dict[str, Any], error: Optional[str] = None) -> str:
     """Last stage of the atomic save protocol (a collective), after every
-    rank has written its model/optimizer files into ``tmp``: each rank writes
-    its RNG state; rank 0 writes ``trainer_state`` (plus step and world size)
-    and the config, fsyncs, renames ``tmp`` to ``step_N``, repoints ``latest``
-    and keeps the last ``keep_last``. Returns the final path."""
-    _save_fsynced(rng_state(), _rng_file(tmp, topology.rank))
+    rank has written its model/optimizer files into ``tmp`` (``error``: this
+    rank's failure to, from :func:`checkpoint_space.describe`): each rank
+    writes its RNG state; rank 0 writes ``trainer_state`` (plus step and
+    world size) and the config; the ranks hash the files into
+    ``manifest.json``; rank 0 fsyncs, renames ``tmp`` to ``step_N``, repoints
+    ``latest`` and keeps the last ``keep_last``. Returns the final path. A
+    write that failed on any rank removes ``tmp`` and raises SaveError on
+    every rank (the previous checkpoint stays the latest)."""
+    if error is None:
+        try:
+            _save_fsynced(rng_state(), _rng_file(tmp, topology.rank))
+            if topology.is_main:
+                _save_fsynced({"step": step, "world_size": topology.world_size, **trainer_state},
+                              os.path.join(tmp, TRAINER_FILE))
+                config_path = os.path.join(tmp, CONFIG_FILE)
+                save_config(cfg, config_path)
+                _fsync_file(config_path)
+        except write_errors() as exc:
+            error = space.describe(exc)
+    _agree_or_abandon(error, tmp, step, topology)  # also: every rank's files are on disk
+    try:
+        manifests.write_manifest(tmp, step, topology)
+    except OSError as exc:
+        error = space.describe(exc)
+    _agree_or_abandon(error, tmp, step, topology)
+
     root, name = os.path.dirname(tmp), f"step_{step}"
     final = os.path.join(root, name)
-    if topology.is_main:
-        _save_fsynced({"step": step, "world_size": topology.world_size, **trainer_state},
-                      os.path.join(tmp, TRAINER_FILE))
-        config_path = os.path.join(tmp, CONFIG_FILE)
-        save_config(cfg, config_path)
-        _fsync_file(config_path)
-    barrier(topology)  # every rank's files are on disk
-
     if topology.is_main:
         _fsync_tree(tmp)
         if os.path.exists(final):
@@ -300,17 +376,22 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module,
     A collective when ``topology`` is distributed: every rank calls it,
     writes its own shard of the model and optimizer and its RNG state; rank 0
     writes the rest and makes the checkpoint visible. Without ``topology``,
-    a single process writes the whole model.
+    a single process writes the whole model. Raises SaveError (one line)
+    when the disk is full or a write fails, after removing the partial save.
     """
     topology = topology or _single()
     tmp = begin_save(run_dir, step, topology)
-    write_model_optimizer(tmp, model, optimizer, topology)
+    error = None
+    try:
+        write_model_optimizer(tmp, model, optimizer, topology)
+    except write_errors() as exc:
+        error = space.describe(exc)
     _test_delay(step)
     layout = {"tensor_parallel_size": topology.tp_size,
               "expert_parallel_size": topology.ep_size,
               "data_parallel_size": topology.dp_size}
     return finish_save(tmp, step, cfg, keep_last, topology,
-                       {"scheduler": scheduler.state_dict(), "layout": layout})
+                       {"scheduler": scheduler.state_dict(), "layout": layout}, error)
 
 
 # ----------------------------------------------------------------------------
@@ -322,31 +403,68 @@ def _is_checkpoint(path: str) -> bool:
             and os.path.isfile(os.path.join(path, CONFIG_FILE)))
 
 
+def _problem(ckpt_dir: str) -> Optional[str]:
+    """Why ``ckpt_dir`` cannot be used (one line), or None: it must be a
+    complete checkpoint whose files match its manifest."""
+    if not _is_checkpoint(ckpt_dir):
+        return f"{ckpt_dir} is not a complete checkpoint (no {MODEL_DIR}/ or {CONFIG_FILE})"
+    return manifests.verify(ckpt_dir)
+
+
+def _warn(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # once per job, not once per rank
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def find_checkpoint(path: str) -> str:
-    """The checkpoint directory meant by ``path``: a checkpoint directory
-    itself, a checkpoints/ directory or a run directory (then the one named
-    by ``latest``, or the newest step_N when there is no ``latest``). Raises
-    InputError when there is none."""
+    """The verified checkpoint directory meant by ``path``.
+
+    A checkpoint directory itself must verify against its manifest
+    (InputError naming the bad file otherwise). A run directory or a
+    checkpoints/ directory means the one ``latest`` names (or, without
+    ``latest``, the newest step_N); when that one fails to verify, the
+    newest older checkpoint that does is used instead, with a one-line
+    warning naming the bad file. InputError when there is none."""
     if not os.path.exists(path):
         raise InputError(f"checkpoint path {path} does not exist")
     if _is_checkpoint(path):
+        problem = manifests.verify(path)
+        if problem:
+            raise InputError(f"checkpoint {path} failed verification: {problem}")
         return path
     for root in (os.path.join(path, CHECKPOINTS), path):
+        steps = [p for _, p in reversed(step_dirs(root))]  # newest first
         pointer = os.path.join(root, LATEST)
         if os.path.isfile(pointer):
             with open(pointer) as fh:
-                name = fh.read().strip()
-            candidate = os.path.join(root, name)
-            if _is_checkpoint(candidate):
-                return candidate
-            raise InputError(f"{pointer} names {name}, which is not a complete checkpoint")
-        # No pointer: a run killed between the rename of step_N and the write
-        # of `latest`. A step_N directory only exists once complete.
-        complete = [p for _, p in step_dirs(root) if _is_checkpoint(p)]
-        if complete:
-            return complete[-1]
+                named = os.path.join(root, fh.read().strip())
+            steps = [named] + [p for p in steps if p != named]
+        # (No pointer: a run killed between the rename of step_N and the
+        # write of `latest`; a step_N directory only exists once complete.)
+        if not steps:
+            continue
+        first = _problem(steps[0])
+        if first is None:
+            return steps[0]
+        for older in steps[1:]:
+            if _problem(older) is None:
+                _warn(f"checkpoint {steps[0]} failed verification ({first}); using {older}, "
+                      "the newest checkpoint that verifies")
+                return older
+        raise InputError(f"no checkpoint in {path} passes verification; the latest: {first}")
     raise InputError(f"no checkpoint found in {path} (expected {CHECKPOINTS}/{LATEST} "
                      "or a step_N directory)")
+
+
+def _load_file(path: str) -> Any:
+    """``torch.load`` of a checkpoint file; InputError (never EOFError or
+    UnpicklingError, whose advice to drop weights_only is wrong here)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"checkpoint file {path} is missing")
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is a corrupt file
+        raise InputError(f"checkpoint file {path} is corrupt ({type(exc).__name__})")
 
 
 def run_dir_of(ckpt_dir: str) -> Optional[str]:
@@ -362,7 +480,7 @@ def checkpoint_step(ckpt_dir: str) -> int:
     m = _STEP_RE.match(os.path.basename(os.path.normpath(ckpt_dir)))
     if m:
         return int(m.group(1))
-    return int(torch.load(os.path.join(ckpt_dir, TRAINER_FILE), weights_only=True)["step"])
+    return int(_load_file(os.path.join(ckpt_dir, TRAINER_FILE))["step"])
 
 
 def read_config(ckpt_dir: str, overrides: Optional[List[str]] = None) -> Config:
@@ -400,12 +518,12 @@ def load_checkpoint(ckpt_dir: str, model: torch.nn.Module, optimizer: torch.opti
     topology = topology or _single()
     check_compatible(read_config(ckpt_dir), cfg, ckpt_dir)
     read_model_optimizer(ckpt_dir, model, optimizer, topology)
-    state = torch.load(os.path.join(ckpt_dir, TRAINER_FILE), weights_only=True)
+    state = _load_file(os.path.join(ckpt_dir, TRAINER_FILE))
     scheduler.load_state_dict(state["scheduler"])
     step = int(state["step"])
     rng_file = _rng_file(ckpt_dir, topology.rank)
     if state.get("world_size") == topology.world_size and os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(_load_file(rng_file))
     else:
         reseed(cfg.train.seed, step, topology.rank)
     return step

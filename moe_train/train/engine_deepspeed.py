@@ -220,10 +220,17 @@ class DeepSpeedEngine(Engine):
         adds each rank's RNG state, ``trainer.pt`` and ``config.yaml``."""
         tmp = ckpt.begin_save(run_dir, step, self.topology)
         root, tmp_name = os.path.split(tmp)
-        self.ds.save_checkpoint(root, tag=tmp_name, client_state={"moe_train_step": step},
-                                save_latest=False)
-        ckpt.write_model_optimizer(tmp, self.ds.module, None, self.topology)
-        return ckpt.finish_save(tmp, step, self.cfg, keep_last, self.topology, self.state())
+        error = None  # a full disk: finish_save cleans up and raises SaveError on every rank
+        try:
+            self.ds.save_checkpoint(root, tag=tmp_name, client_state={"moe_train_step": step},
+                                    save_latest=False)
+            ckpt.write_model_optimizer(tmp, self.ds.module, None, self.topology)
+        except ckpt.write_errors() as exc:
+            from moe_train.train.checkpoint_space import describe
+
+            error = describe(exc)
+        return ckpt.finish_save(tmp, step, self.cfg, keep_last, self.topology, self.state(),
+                                error)
 
     def load(self, ckpt_dir: str) -> int:
         """DeepSpeed's state (module, ZeRO optimizer partitions, scheduler)

@@ -32,6 +32,12 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
+# On a CUDA machine: the gpu-marked tests, 20 bf16 steps of the ~1B MoE
+# config (tokens/s, TFLOP/s, MFU) and the MoE layer against dense; without
+# CUDA one line and exit 0 (docs/performance.md).
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
+
 # Router quality study: docs/routing-quality.md and .png (<= 30 min on 2 cores).
 quality: $(STAMP)
 	$(BIN)/python benchmarks/quality.py

@@ -178,7 +178,7 @@ class MoEConfig:
     """Aux-loss-free balancing (DeepSeek-V3 gamma; 1e-3 in the paper): per-step
     update of a per-expert selection bias; 0 turns it off. Token choice only."""
     expert_impl: str = "auto"
-    """auto (grouped_mm on CUDA, loop elsewhere) | grouped_mm (torch._grouped_mm,
+    """auto (grouped_mm on CUDA in bf16, loop elsewhere) | grouped_mm (torch._grouped_mm,
     no host sync) | loop (per-expert matmuls, one autograd Function) |
     reference (slow masked loop, the oracle)."""
     hidden_size: Optional[int] = None

@@ -44,12 +44,20 @@ def grouped_mm_unavailable_reason(hidden_size: int, ffn_hidden_size: int) -> Opt
     return None
 
 
-def resolve_impl(impl: str, device: torch.device, hidden_size: int, ffn_hidden_size: int) -> str:
-    """The implementation ``impl`` means on ``device``: ``auto`` is grouped_mm
-    on CUDA (where it is available and the sizes are aligned), loop elsewhere."""
+# The dtypes torch._grouped_mm's CUDA kernels are built for; other dtypes
+# take the loop under ``auto`` (an explicit grouped_mm is left to torch).
+GROUPED_MM_CUDA_DTYPES = (torch.bfloat16,)
+
+
+def resolve_impl(impl: str, device: torch.device, hidden_size: int, ffn_hidden_size: int,
+                 dtype: torch.dtype = torch.bfloat16) -> str:
+    """The implementation ``impl`` means on ``device`` for matmuls in
+    ``dtype``: ``auto`` is grouped_mm on CUDA in bf16 (where torch has it and
+    the sizes are aligned), loop elsewhere."""
     if impl != "auto":
         return impl
-    if device.type == "cuda" and grouped_mm_unavailable_reason(hidden_size, ffn_hidden_size) is None:
+    if device.type == "cuda" and dtype in GROUPED_MM_CUDA_DTYPES \
+            and grouped_mm_unavailable_reason(hidden_size, ffn_hidden_size) is None:
         return "grouped_mm"
     return "loop"
 

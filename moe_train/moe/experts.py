@@ -13,8 +13,8 @@ from torch import nn
 
 from moe_train.config import check_choice
 from moe_train.model.mlp import ACTIVATIONS
-from moe_train.moe.expert_impls import (grouped_mm_experts, grouped_mm_unavailable_reason,
-                                        loop_experts, resolve_impl)
+from moe_train.moe.expert_impls import (compute_dtype, grouped_mm_experts,
+                                        grouped_mm_unavailable_reason, loop_experts, resolve_impl)
 from moe_train.moe.routing import RoutingDecision
 
 
@@ -85,14 +85,22 @@ class Experts(nn.Module):
         self.num_experts = count
         self.expert_offset += start
 
-    def resolved_impl(self, device: torch.device) -> str:
-        """The implementation this module runs on ``device`` (``auto`` resolved)."""
-        return resolve_impl(self.impl, device, self.hidden_size, self.ffn_hidden_size)
+    def resolved_impl(self, device: torch.device,
+                      dtype: torch.dtype = torch.bfloat16) -> str:
+        """The implementation this module runs on ``device`` with matmuls in
+        ``dtype`` (``auto`` resolved)."""
+        return resolve_impl(self.impl, device, self.hidden_size, self.ffn_hidden_size, dtype)
 
-    def wants_blocks(self, device: torch.device) -> bool:
-        """True when the implementation prefers one routed block per expert
-        (``loop``) to one ``[N, D]`` tensor (``grouped_mm``)."""
-        return self.resolved_impl(device) == "loop"
+    def impl_for(self, x: torch.Tensor) -> str:
+        """The implementation that runs on rows like ``x`` (its device, and
+        the autocast dtype or the promoted dtype of rows and weights)."""
+        return self.resolved_impl(x.device, compute_dtype(x, self.w1))
+
+    def wants_blocks(self, x: torch.Tensor) -> bool:
+        """True when the implementation for rows like ``x`` prefers one
+        routed block per expert (``loop``) to one ``[N, D]`` tensor
+        (``grouped_mm``)."""
+        return self.impl_for(x) == "loop"
 
     def forward(self, x_routed: Union[Sequence[torch.Tensor], torch.Tensor],
                 tokens_per_local_expert: torch.Tensor
@@ -118,8 +126,7 @@ class Experts(nn.Module):
         if as_list and len(x_routed) != self.num_experts:
             raise ValueError(f"x_routed has {len(x_routed)} blocks, expected "
                              f"{self.num_experts} (one per local expert)")
-        device = x_routed[0].device if as_list else x_routed.device
-        impl = self.resolved_impl(device)
+        impl = self.impl_for(x_routed[0] if as_list else x_routed)
         if impl == "reference":
             raise ValueError("moe.expert_impl = reference runs on the routing decision "
                              "(reference_forward), not on dispatched rows")

@@ -102,7 +102,7 @@ class MoELayer(nn.Module):
             # The loop wants one block per expert (no [N,D] temporaries on
             # CPU); grouped_mm one [N,D] tensor with its counts on the device.
             x_routed_ND, tokens_per_local_expert, meta = self.dispatcher.dispatch(
-                x_TD, decision, blocks=self.experts.wants_blocks(x.device))
+                x_TD, decision, blocks=self.experts.wants_blocks(x_TD))
             y_routed_ND = self.experts(x_routed_ND, tokens_per_local_expert)
             y_TD = self.dispatcher.combine(y_routed_ND, meta)
         if self.shared_experts is not None:

@@ -68,7 +68,7 @@ def run_impl(experts, impl, x_TD, decision, blocks=None):
     """Dispatch, run ``experts`` with ``impl``, combine (EP=1)."""
     experts.impl = impl
     d = LocalDispatcher()
-    blocks = experts.wants_blocks(x_TD.device) if blocks is None else blocks
+    blocks = experts.wants_blocks(x_TD) if blocks is None else blocks
     x_routed, counts, meta = d.dispatch(x_TD, decision, blocks=blocks)
     y_routed = experts(x_routed, counts)
     assert isinstance(y_routed, list) == blocks
@@ -256,6 +256,10 @@ def test_grouped_mm_needs_aligned_sizes():
     assert Experts(2, 8, 12).resolved_impl(torch.device("cuda")) == "loop"
     assert Experts(2, 8, 16).resolved_impl(torch.device("cuda")) == "grouped_mm"
     assert Experts(2, 8, 16).resolved_impl(torch.device("cpu")) == "loop"
+    # auto keeps grouped_mm to the dtype its CUDA kernels are built for.
+    assert Experts(2, 8, 16).resolved_impl(torch.device("cuda"), torch.float32) == "loop"
+    assert Experts(2, 8, 16, impl="grouped_mm").resolved_impl(
+        torch.device("cuda"), torch.float32) == "grouped_mm"
 
 
 # ---------------------------------------------------------------------------- the real router

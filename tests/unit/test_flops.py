@@ -15,7 +15,10 @@ from moe_train.train.flops import PerfMeter, forward_flops_per_token, model_flop
 B, S = 2, 16
 
 
-def _matmul_sdpa(q, k, v, attn_mask=None, is_causal=False, **_):
+def _matmul_sdpa(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **_):
+    if enable_gqa:  # G key/value heads serve H query heads (repeats are no matmul)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
     if is_causal:
         mask = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()

@@ -14,6 +14,7 @@ latest checkpoint of the run directory. See docs/launching.md.
 """
 import argparse
 import os
+import shutil
 import sys
 from typing import List, Optional
 
@@ -40,7 +41,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
     p.add_argument("--run-dir", metavar="DIR",
                    help="run directory, the same path on every node (default: train.run_dir, "
-                        "else runs/<YYYYmmdd-HHMMSS>-<pid>); Ray's own files go to DIR/ray")
+                        "else runs/<YYYYmmdd-HHMMSS>-<pid>; inside a Ray job it must be given and "
+                        "absolute); Ray's copy of the final checkpoint goes to "
+                        "DIR/ray/<basename of DIR>/checkpoint_<timestamp>")
     p.add_argument("--max-failures", type=int, default=3, metavar="M",
                    help="worker-group restarts after a worker dies (-1: no limit; default 3)")
     p.add_argument("--resume", action="store_true",
@@ -59,6 +62,26 @@ def resolve_config(args: argparse.Namespace):
     train_args = argparse.Namespace(config=args.config, set=args.set, run_dir=args.run_dir,
                                     resume=LATEST_CHECKPOINT if args.resume else None)
     return resolve_train_args(train_args, world_size=args.num_workers)[0]
+
+
+def check_job_paths(cfg) -> None:
+    """Inside ``ray job submit`` the entrypoint runs from Ray's cached copy of
+    --working-dir, which Ray deletes later: a relative (or missing) run
+    directory or data cache would be written there, and lost. Refuse them,
+    naming the option, before anything is written."""
+    from moe_train.launchers.ray import in_ray_job
+    from moe_train.train import InputError
+
+    if not in_ray_job():
+        return
+    run_dir = cfg.train.run_dir
+    if not run_dir or not os.path.isabs(run_dir):
+        raise InputError(f"--run-dir ({run_dir or 'not set'}) must be an absolute path inside a "
+                         "Ray job: the job runs in Ray's copy of --working-dir, which Ray deletes")
+    if cfg.data.cache_dir and not os.path.isabs(cfg.data.cache_dir):
+        raise InputError(f"data.cache_dir ({cfg.data.cache_dir}) must be an absolute path "
+                         "inside a Ray job: the job runs in Ray's copy of --working-dir, "
+                         "which Ray deletes")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -81,6 +104,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # copy of the working dir): every path they get is absolute.
         from moe_train.train import run_dir as run_dirs
 
+        check_job_paths(cfg)
         run_dir = cfg.train.run_dir or run_dirs.default_run_dir()
         cfg.train.run_dir = os.path.abspath(run_dir)
         if cfg.data.cache_dir:
@@ -95,6 +119,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         # from whatever checkpoint it holds, and rank 0 locks it while it trains.
         removed = run_dirs.prepare(cfg.train.run_dir, fresh=not args.resume,
                                    overwrite=args.overwrite)
+        ray_dir = os.path.join(cfg.train.run_dir, "ray")
+        if removed and os.path.isdir(ray_dir):
+            # The overwritten run's Ray state: Ray would load its snapshot.
+            shutil.rmtree(ray_dir)
+            removed.append("ray")
     except (ConfigError, InputError) as exc:
         return fail(str(exc))
     if removed:
@@ -111,8 +140,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: training failed after {args.max_failures} restart(s): {first} "
               "(the workers' logs above have the details)", file=sys.stderr)
         return 1
+    from moe_train.console import fmt
+
     metrics = result.metrics or {}
-    print(f"ray: done, {metrics.get('steps')} steps, train loss {metrics.get('train_loss')}, "
+    loss = metrics.get("train_loss")
+    print(f"ray: done, {metrics.get('steps')} steps, train loss "
+          f"{fmt(loss) if loss is not None else None}, "
           f"checkpoint {cfg.train.run_dir}/checkpoints (Ray's copy: "
           f"{result.checkpoint.path if result.checkpoint else None})", flush=True)
     return 0

@@ -13,9 +13,18 @@ is refused, or removed with ``--overwrite``; moe_train.train.run_dir), so
 that only checkpoints of this run are ever resumed from.
 
 At the end, rank 0 reports the final checkpoint to Ray (``ray.train.report``),
-which copies it under ``<run dir>/ray/<name>/`` and hands it back as
-``Result.checkpoint``. Logs (TensorBoard, metrics.jsonl) are the trainer's,
-in the run directory, written by rank 0 only.
+which copies it to ``<run dir>/ray/<name>/checkpoint_<timestamp>/`` (name:
+the run directory's base name) and hands it back as ``Result.checkpoint``.
+Logs (TensorBoard, metrics.jsonl) are the trainer's, in the run directory,
+written by rank 0 only.
+
+Console: Ray Train's print patch (which sends every ``print`` of a worker to
+its logger as well, so each rank-0 line reached the driver twice) is turned
+off through RAY_TRAIN_ENABLE_PRINT_PATCH, which Ray Train passes on to the
+workers. A Ray instance started here has no dashboard, hence no State API,
+and Ray Train's PlacementGroupCleaner would log a warning every few seconds
+that it cannot reach it: :func:`quiet_local_workers` silences that logger in
+the processes of such an instance only.
 
 The run directory must be reachable at the same path from every worker (one
 machine, or a shared file system on a cluster).
@@ -37,6 +46,41 @@ FAULT_ENV = "MOE_TRAIN_TEST_RAY_FAULT"
 # loopback (node address 127.0.0.1, no token authentication between the
 # processes of this machine).
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+
+# Read by Ray Train on the driver and passed to its controller and workers.
+QUIET_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+# Set by Ray in the environment of a ``ray job submit`` entrypoint.
+JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+_PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_PLACEMENT_GROUP_CLEANER_THREAD = "PlacementGroupCleanerMonitor"
+
+
+def in_ray_job() -> bool:
+    """True in the entrypoint of a ``ray job submit`` job, which runs from a
+    copy of ``--working-dir`` that Ray caches and later deletes."""
+    return JOB_ENV in os.environ
+
+
+def quiet_local_workers() -> None:
+    """Ray worker setup hook for an instance started by :func:`run`. Its
+    PlacementGroupCleaner cannot reach the State API (no dashboard serves
+    it; with other Ray instances on the machine its lookup even fails with
+    "Found multiple active Ray instances"): its warnings, and the traceback of
+    its monitor thread, stay silent. Nothing is lost: the instance, with its
+    placement groups, ends with the driver."""
+    import logging
+
+    logging.getLogger(_PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+    previous = threading.excepthook
+
+    def excepthook(args) -> None:
+        if args.thread is not None and args.thread.name == _PLACEMENT_GROUP_CLEANER_THREAD:
+            return
+        previous(args)
+
+    threading.excepthook = excepthook
 
 
 def _latest_checkpoint(run_dir: str) -> Optional[str]:
@@ -137,13 +181,16 @@ def run(cfg, num_workers: int, use_gpu: bool = False, max_failures: int = 0,
         # Read by Ray when it is imported, and inherited by the processes it starts.
         for key, value in LOOPBACK_ENV.items():
             os.environ.setdefault(key, value)
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if local:
         ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
-                 include_dashboard=False, configure_logging=False)
+                 include_dashboard=False, configure_logging=False,
+                 runtime_env={"worker_process_setup_hook": quiet_local_workers})
     else:
         ray.init(address=address, configure_logging=False)
     try:

@@ -59,19 +59,24 @@ def draw_load_heatmap(tokens_per_expert: Sequence[np.ndarray], step: Optional[in
     ax = fig.add_subplot()
     im = ax.imshow(load, cmap=COLORMAP, norm=colour_norm(), aspect="auto",
                    interpolation="nearest")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("MoE layer")
+    # Fonts sized for TensorBoard, which shows the image at about half its
+    # width unless "Show actual image size" is ticked.
+    ax.set_xlabel("expert", fontsize=12)
+    ax.set_ylabel("MoE layer", fontsize=12)
+    ax.tick_params(labelsize=11)
     ax.xaxis.set_major_locator(MaxNLocator(nbins=min(experts, 32), integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(nbins=min(layers, 24), integer=True))
     title = "expert load / layer mean (1 = balanced)"
-    ax.set_title(title if step is None else f"{title}, step {step}")
+    ax.set_title(title if step is None else f"{title}, step {step}", fontsize=13)
     bar = fig.colorbar(im, ax=ax, extend="max", fraction=0.05, pad=0.02)
-    bar.set_label("load / mean")
+    bar.set_label("load / mean", fontsize=12)
+    bar.ax.tick_params(labelsize=11)
     if experts <= ANNOTATE_MAX_EXPERTS:
         for (row, col), value in np.ndenumerate(load):
             # Dark cells (far from 1) get white text.
             dark = abs(min(value, SCALE_MAX) - SCALE_CENTRE) > 0.6
-            ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=8,
+            ax.text(col, row, f"{value:.2f}", ha="center", va="center",
+                    fontsize=11 if experts <= 8 else 9,
                     color="white" if dark else "black")
     return fig
 

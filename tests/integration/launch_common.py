@@ -2,6 +2,7 @@
 the metrics reader, and the tiny EP=2 config every launcher trains."""
 import json
 import os
+import re
 import socket
 
 import yaml
@@ -49,3 +50,33 @@ def config_dir(tmp_path_factory, name: str, config: dict):
     with open(root / "config.yaml", "w") as fh:
         yaml.safe_dump(config, fh)
     return root
+
+
+# Lines no launch may print (docs/monitoring.md, "Console output").
+NOISE = ("Transformer Engine and Apex are not installed", "PlacementGroupCleaner",
+         "State API may be temporarily unavailable")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAY_PREFIX = re.compile(r"^\((?:RayTrainWorker|TrainController|\w+) pid=\d+(?:, ip=\S+)?\)\s?")
+
+
+def console_lines(output: str):
+    """The lines of a launch's output, without Ray's colour codes and
+    ``(RayTrainWorker pid=N)`` prefixes."""
+    return [_RAY_PREFIX.sub("", _ANSI.sub("", line)) for line in output.splitlines()]
+
+
+def assert_clean_output(output: str, steps: int, log_every: int = 1) -> None:
+    """None of the NOISE lines; rank 0's lines (run dir, tensorboard command,
+    every logged step, done) each exactly once; printed floats at 4
+    significant digits."""
+    lines = console_lines(output)
+    for noise in NOISE:
+        assert not [line for line in lines if noise in line], f"{noise!r} in:\n{output[-4000:]}"
+    expected = ["run dir: ", "tensorboard --logdir ", "done: step "] + [
+        f"step {s}/{steps} " for s in range(log_every, steps + 1, log_every)]
+    for prefix in expected:
+        hits = [line for line in lines if line.startswith(prefix)]
+        assert len(hits) == 1, f"{prefix!r} printed {len(hits)} times:\n{output[-4000:]}"
+    done = next(line for line in lines if line.startswith("done: step "))
+    loss = re.search(r"train loss (\S+?),", done).group(1)
+    assert len(loss.replace(".", "").lstrip("0")) == 4, done

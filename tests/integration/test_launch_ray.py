@@ -7,7 +7,10 @@ same global batch and writes the same metrics.jsonl keys;
 makes Ray restart the worker group, which resumes from the latest checkpoint:
 the job still finishes every step, the resume point is within one checkpoint
 interval of the kill, and the whole loss curve is still the single-process one.
-Bad input is refused before Ray starts.
+(c) a Ray instance started by launch/ray_train.py itself (no cluster) trains
+and prints each rank-0 line once, without Ray's PlacementGroupCleaner retries.
+Bad input, and a relative run directory inside a Ray job, are refused before
+Ray starts.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ import urllib.request
 
 import pytest
 
-from .launch_common import config_dir, LOSS_RTOL, REPO, free_port, read_metrics, tiny_ep2_config
+from .launch_common import (config_dir, LOSS_RTOL, REPO, assert_clean_output, console_lines,
+                            free_port, read_metrics, tiny_ep2_config)
 
 pytest.importorskip("ray")
 
@@ -129,7 +133,7 @@ def reference(workdir):
 
 def submit(address, workdir, run_dir, extra_env=None, max_failures=0):
     """``ray job submit`` of launch/ray_train.py with 2 workers; returns
-    (exit code, the job's output)."""
+    (exit code, the job's output: the client's and the job's stdout and stderr)."""
     cmd = [RAY, "job", "submit", "--address", address, "--working-dir", "."]
     if extra_env:
         cmd += ["--runtime-env-json", json.dumps({"env_vars": extra_env})]
@@ -160,10 +164,13 @@ def test_ray_job_submit_matches_single_process(ray_head, workdir, reference):
     assert_matches(read_metrics(run_dir), reference)
     assert os.path.isdir(os.path.join(run_dir, "checkpoints", f"step_{STEPS}"))
     assert os.path.isdir(os.path.join(run_dir, "tb"))
-    # The final checkpoint was reported to Ray, which keeps a copy under run_dir/ray.
-    copies = [d for _, dirs, _ in os.walk(os.path.join(run_dir, "ray"))
-              for d in dirs if d.startswith("checkpoint_")]
-    assert copies, output[-2000:]
+    # The final checkpoint was reported to Ray, which keeps a copy where
+    # docs/launching.md says: RUN_DIR/ray/<basename of RUN_DIR>/checkpoint_<timestamp>.
+    copies = os.listdir(os.path.join(run_dir, "ray", os.path.basename(run_dir)))
+    assert [c for c in copies if c.startswith("checkpoint_")], (copies, output[-2000:])
+    assert_clean_output(output, STEPS)
+    done = [line for line in console_lines(output) if line.startswith("ray: done")]
+    assert len(done) == 1 and re.search(r"train loss \d\.\d{3},", done[0]), done
 
 
 def test_ray_worker_killed_resumes_from_checkpoint(ray_head, workdir, reference, tmp_path):
@@ -191,3 +198,39 @@ def test_ray_bad_config_refused_before_ray_starts(workdir):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "parallel.expert_parallel_size" in errors[0], result.stderr
     assert not os.path.exists(run_dir / "ray")
+
+
+def test_ray_local_instance_prints_each_line_once(workdir, tmp_path):
+    """launch/ray_train.py without a cluster starts (and stops) its own Ray
+    instance on 127.0.0.1; its output is as clean as torchrun's."""
+    steps = 2
+    run_dir = str(tmp_path / "local")
+    local_env = {k: v for k, v in env().items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, os.path.join(REPO, "launch", "ray_train.py"), "--config",
+           str(workdir / "config.yaml"), "--num-workers", "2", "--run-dir", run_dir,
+           "--max-failures", "0", "--set", f"train.max_steps={steps}",
+           "--set", "train.eval_every=0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=local_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray instance it started
+        output, _ = proc.communicate()
+        pytest.fail(f"launch/ray_train.py ran past 300s:\n{output[-4000:]}")
+    assert proc.returncode == 0, output[-4000:]
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, steps + 1))
+    assert_clean_output(output, steps)
+
+
+def test_ray_job_relative_run_dir_refused(ray_head, workdir):
+    """Inside a job the entrypoint runs in Ray's cached copy of --working-dir:
+    a relative run directory would be written there and deleted with it."""
+    rc, output = submit(ray_head, workdir, "runs/relative-in-a-job")
+    assert rc != 0
+    # One line, exit status 2 (ray job submit repeats the job's last log lines
+    # in its failure message, so the line shows up there once more).
+    errors = {line for line in console_lines(output) if line.startswith("error: ")}
+    assert len(errors) == 1 and "--run-dir (runs/relative-in-a-job)" in errors.pop(), output[-3000:]
+    assert "exit code 2" in output
+    assert not os.path.exists(os.path.join(REPO, "runs", "relative-in-a-job"))

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from .launch_common import config_dir, LOSS_RTOL, REPO, TRAIN, free_port, read_metrics, tiny_ep2_config
+from .launch_common import (config_dir, LOSS_RTOL, REPO, TRAIN, assert_clean_output, free_port,
+                            read_metrics, tiny_ep2_config)
 
 STEPS = 6
 CONFIG = tiny_ep2_config(STEPS, seed=7, eval_every=3, save_every=3)
@@ -44,12 +45,14 @@ def finish(proc, log, timeout: float) -> int:
         log.close()
 
 
-def run(cmd, log_path, timeout: float = 180) -> None:
+def run(cmd, log_path, timeout: float = 180) -> str:
+    """Run ``cmd`` to the end; returns its output (stdout and stderr)."""
     proc, log = start(cmd, log_path)
     rc = finish(proc, log, timeout)
     with open(log_path) as fh:
         output = fh.read()
     assert rc == 0, f"{' '.join(cmd)} exited {rc}:\n{output[-4000:]}"
+    return output
 
 
 def losses(records):
@@ -90,11 +93,14 @@ def reference(workdir):
 
 def test_torchrun_single_node_matches_single_process(workdir, reference):
     run_dir = str(workdir / "one_node")
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-         TRAIN, "--config", str(workdir / "config.yaml"), "--run-dir", run_dir],
-        str(workdir / "one_node.log"))
+    output = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                  "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                  TRAIN, "--config", str(workdir / "config.yaml"), "--run-dir", run_dir],
+                 str(workdir / "one_node.log"))
     assert_same_run(read_metrics(run_dir), reference)
+    # stdout and stderr of both ranks: no megatron-core TE/Apex warnings, and
+    # every line of rank 0 once.
+    assert_clean_output(output, STEPS)
     assert os.path.isdir(os.path.join(run_dir, "checkpoints", f"step_{STEPS}"))
 
 
@@ -117,3 +123,12 @@ def test_torchrun_two_nodes_c10d_matches_single_process(workdir, reference):
         with open(workdir / f"node{node_rank}.log") as fh:
             assert rc == 0, f"node {node_rank} exited {rc}:\n{fh.read()[-4000:]}"
     assert_same_run(read_metrics(run_dir), reference)
+
+
+def test_help_lists_training_and_launcher_options():
+    result = subprocess.run([sys.executable, TRAIN, "--help"], cwd=REPO, env=env(),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for option in ("--config", "--set", "--run-dir", "--resume", "launcher options",
+                   "--deepspeed_config", "--deepspeed ", "--local_rank"):
+        assert option in result.stdout, option

@@ -1,8 +1,11 @@
 """TensorBoard events and metrics.jsonl carry the documented tags and the
 Custom Scalars layout, with values that agree with hand computations."""
+import io
 import json
 import math
 import os
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -79,8 +82,6 @@ def _percentile(values, q):
 
 
 def test_tensorboard_tags_and_layout(run):
-    import re
-
     run_dir, _, records = run
     acc = _events(run_dir)
     tags = acc.Tags()
@@ -173,3 +174,22 @@ def test_jsonl_records_and_their_values(run):
             np.mean([r[f"moe/layer_{i}/dropped_fraction"] for i in range(LAYERS)]))
     # Near-uniform logits over the model's vocabulary: byte 257 ids rounded up to 384.
     assert records[0]["train/lm_loss"] == pytest.approx(math.log(384), abs=0.1)
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal, so the trainer draws its tqdm bar."""
+
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_shows_the_loss_from_step_1(tmp_path, monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    cfg = load_config(None, DROPLESS + ["train.log_every=10", "train.eval_every=0"])
+    cfg.train.run_dir = str(tmp_path)
+    train(cfg)
+    # tqdm redraws with \r; the state after step 1 (not a logged step) already
+    # carries a loss with 4 significant digits.
+    states = [s for s in re.split(r"[\r\n]", terminal.getvalue()) if "1/2" in s]
+    assert states and re.search(r"loss=\d\.\d{3}\b", states[-1]), terminal.getvalue()[-500:]

@@ -204,7 +204,10 @@ def test_deepspeed_checkpoint_layout_and_consolidated_model(ds):
     # single-process model loads it strictly and evaluates.
     model, cfg = load_model(str(run_dir))
     assert cfg.moe.num_experts == 4
-    assert model(torch.randint(0, 256, (1, 8))).logits.shape == (1, 8, 256)
+    # vocab_size is inferred from the byte dataset (257 ids rounded up to 384).
+    vocab = cfg.model.vocab_size
+    assert vocab == 384
+    assert model(torch.randint(0, 257, (1, 8))).logits.shape == (1, 8, vocab)
 
 
 def test_deepspeed_resume_continues_the_same_curve(ds, workdir):

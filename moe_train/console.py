@@ -41,25 +41,28 @@ def deepspeed_comm_op_notice(is_main: bool):
     the first run on a machine compiles DeepSpeed's shared-memory comm op
     (about 40 s of silence); rank 0 says so before and after. Silent when the
     op is already in torch's extension cache, or on GPUs (no such op)."""
-    announce = is_main and _shm_comm_op_missing()
+    build_dir = _shm_comm_op_missing() if is_main else None
+    announce = build_dir is not None
     if announce:
-        print("building DeepSpeed's CPU comm op, about 40 s once (cached in "
-              "~/.cache/torch_extensions)", flush=True)
+        print(f"building DeepSpeed's CPU comm op, about 40 s once (cached in {build_dir})",
+              flush=True)
     start = time.time()
     yield
     if announce:
         print(f"built DeepSpeed's CPU comm op in {fmt(time.time() - start)} s", flush=True)
 
 
-def _shm_comm_op_missing() -> bool:
+def _shm_comm_op_missing():
+    """The build directory of DeepSpeed's shared-memory comm op when it must
+    be built, else None."""
     try:
         from deepspeed.accelerator import get_accelerator
         from torch.utils.cpp_extension import _get_build_directory
 
         builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
         if builder is None:
-            return False
+            return None
         build_dir = _get_build_directory(builder.NAME, verbose=False)
-        return not os.path.exists(os.path.join(build_dir, builder.NAME + ".so"))
+        return None if os.path.exists(os.path.join(build_dir, builder.NAME + ".so")) else build_dir
     except Exception:  # a DeepSpeed or torch without these internals: say nothing
-        return False
+        return None

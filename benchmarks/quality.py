@@ -34,6 +34,8 @@ from typing import Dict, List, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO_ROOT, "configs", "tiny.yaml")
+# metrics.jsonl keys (docs/monitoring.md).
+VAL_KEY, TPS_KEY = "loss/val", "perf/tokens_per_sec"
 
 
 def machine_info() -> Dict[str, str]:
@@ -92,14 +94,14 @@ def run_variant(name: str, seed: int, steps: int, eval_every: int, eval_iters: i
                            f"{os.path.join(workdir, name + '-seed' + str(seed) + '.log')}")
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         rows = [json.loads(line) for line in fh]
-    val = {r["step"]: r["val/loss"] for r in rows if "val/loss" in r}
+    val = {r["step"]: r[VAL_KEY] for r in rows if VAL_KEY in r}
     # Load and drops over the second half of training, when routing has settled.
     late = [r for r in rows if r["step"] > steps // 2]
     loads = [v for r in late for k, v in r.items()
              if k.startswith("moe/layer_") and k.endswith("load_max_over_mean")]
     drops = [v for r in late for k, v in r.items()
              if k.startswith("moe/layer_") and k.endswith("dropped_fraction")]
-    tps = [r["train/tokens_per_sec"] for r in rows if "train/tokens_per_sec" in r]
+    tps = [r[TPS_KEY] for r in rows if TPS_KEY in r]
     tps = tps[1:] or tps  # the first window holds the warm-up
     return {"val": val, "tokens_per_sec": statistics.median(tps) if tps else float("nan"),
             "load_max_over_mean": statistics.mean(loads) if loads else float("nan"),
@@ -274,7 +276,7 @@ def write_markdown(results, args, path: str, png_name: str, elapsed: float) -> N
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=160)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--eval-iters", type=int, default=8)

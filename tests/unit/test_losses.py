@@ -137,7 +137,20 @@ def test_router_z_loss_value_is_weighted():
     assert d.losses["z_loss"].item() == pytest.approx(want.item(), rel=1e-5)
 
 
+def _cv2(values):
+    """CV^2 = population variance / mean^2 (Shazeer Eq 6-7, 11), in floats."""
+    return statistics.pvariance(values) / statistics.mean(values) ** 2
+
+
+def _phi(z):
+    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
 def test_router_shazeer_losses_train_smooth_eval_counts():
+    # Expected values by plain loops over tokens and experts (Shazeer et al.
+    # 2017, Eq 3-11), not by the functions of losses.py under test.
+    from moe_train.moe.routing_noise import RoutingNoiseKey, use_key
+
     torch.manual_seed(5)
     T, D, E, K, w = 12, 8, 4, 2, 0.1
     cfg = MoEConfig(num_experts=E, top_k=K, hidden_size=D, noisy_gating=True, aux_loss="shazeer",
@@ -147,21 +160,35 @@ def test_router_shazeer_losses_train_smooth_eval_counts():
         router.weight.normal_(0, 0.5)
         router.noise_weight.normal_(0, 0.5)
     x = torch.randn(T, D)
-    clean = x @ router.weight.t()
-    std = torch.nn.functional.softplus(x @ router.noise_weight.t())
+    key = RoutingNoiseKey(seed=1, step=0, micro_batch=0)
+    with use_key(key):
+        d = router.train()(x, 1, T)
+    # The router's draw: the first normals of its layer's keyed generator.
+    normal = torch.randn(T, E, generator=torch.Generator().manual_seed(key.layer_seed(0)))
+    Wg, Wn = router.weight.detach().double(), router.noise_weight.detach().double()
+    xs = x.double()
+    clean = [[float(xs[t] @ Wg[i]) for i in range(E)] for t in range(T)]
+    std = [[math.log1p(math.exp(float(xs[t] @ Wn[i]))) for i in range(E)] for t in range(T)]
+    H = [[clean[t][i] + float(normal[t, i]) * std[t][i] for i in range(E)] for t in range(T)]
 
-    torch.manual_seed(6)
-    d = router.train()(x, 1, T)
-    torch.manual_seed(6)
-    noisy = clean + torch.randn(T, E) * std  # the same draw the router made
-    top = noisy.topk(K, -1)
-    gates = torch.zeros(T, E).scatter(-1, top.indices, top.values.softmax(-1))
-    assert d.losses["importance"].item() == pytest.approx(w * L.cv_squared(gates.sum(0)).item(), rel=1e-4)
-    smooth = L.smooth_load(clean, noisy, std, K)
-    assert d.losses["load"].item() == pytest.approx(w * L.cv_squared(smooth).item(), rel=1e-4)
+    importance, load = [0.0] * E, [0.0] * E
+    for t in range(T):
+        chosen = sorted(range(E), key=lambda i: -H[t][i])[:K]           # KeepTopK (Eq 5)
+        z = sum(math.exp(H[t][i]) for i in chosen)
+        for i in chosen:
+            importance[i] += math.exp(H[t][i]) / z                      # G = Softmax (Eq 3)
+        for i in range(E):
+            kth_excluding = sorted((H[t][j] for j in range(E) if j != i), reverse=True)[K - 1]
+            load[i] += _phi((clean[t][i] - kth_excluding) / std[t][i])  # Eq 8-10
+    assert d.losses["importance"].item() == pytest.approx(w * _cv2(importance), rel=1e-4)
+    assert d.losses["load"].item() == pytest.approx(w * _cv2(load), rel=1e-4)
     d.losses["load"].backward()
     assert router.noise_weight.grad.abs().sum() > 0  # load trains W_noise
 
+    # Eval: no noise; the load is the count of top-K choices per expert.
     d_eval = router.eval()(x, 1, T)
-    counts = L.count_load(clean.topk(K, -1).indices, E)
-    assert d_eval.losses["load"].item() == pytest.approx(w * L.cv_squared(counts).item(), rel=1e-5)
+    counts = [0] * E
+    for t in range(T):
+        for i in sorted(range(E), key=lambda i: -clean[t][i])[:K]:
+            counts[i] += 1
+    assert d_eval.losses["load"].item() == pytest.approx(w * _cv2(counts), rel=1e-5)

@@ -153,12 +153,8 @@ def test_rmsnorm_matches_formula_and_transformers_and_keeps_fp32_stats():
         build_norm("batchnorm", 16)
 
 
-def test_bf16_cast_model_runs_and_rope_table_stays_fp32():
-    torch.manual_seed(0)
-    model = Transformer(tiny(), MoEConfig(num_experts=4, top_k=2)).to(torch.bfloat16)
-    assert model.blocks[0].attn.rotary.inv_freq.dtype == torch.float32
-    out = model(torch.randint(0, 32, (2, 8)))
-    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
+# A bf16-cast model against its fp32 twin, with the router and RoPE tables
+# checked to stay fp32: tests/unit/test_bf16_precision.py.
 
 
 # ----------------------------------------------------------------------------

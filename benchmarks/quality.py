@@ -92,6 +92,11 @@ def run_variant(name: str, seed: int, steps: int, eval_every: int, eval_iters: i
     if proc.returncode != 0:
         raise RuntimeError(f"{name} seed {seed} failed (exit {proc.returncode}); see "
                            f"{os.path.join(workdir, name + '-seed' + str(seed) + '.log')}")
+    return dict(read_run(run_dir, steps), elapsed_s=elapsed)
+
+
+def read_run(run_dir: str, steps: int) -> Dict:
+    """Curves and averages of one finished run from its metrics.jsonl."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         rows = [json.loads(line) for line in fh]
     val = {r["step"]: r[VAL_KEY] for r in rows if VAL_KEY in r}
@@ -106,8 +111,7 @@ def run_variant(name: str, seed: int, steps: int, eval_every: int, eval_iters: i
     return {"val": val, "tokens_per_sec": statistics.median(tps) if tps else float("nan"),
             "load_max_over_mean": statistics.mean(loads) if loads else float("nan"),
             # Dropless runs may log no dropped fraction at all: nothing was dropped.
-            "dropped_fraction": statistics.mean(drops) if drops else 0.0,
-            "elapsed_s": elapsed}
+            "dropped_fraction": statistics.mean(drops) if drops else 0.0}
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -170,6 +174,8 @@ def comparisons(results, final: int, mid: int) -> List[str]:
         f"of width 2F so both run the same FLOPs per token; the papers compare at equal "
         f"expert width, where top-2 also spends more compute.")
     d_b = paired(results, "aux_free", "seq_aux", final)
+    load_free = _mean([r["load_max_over_mean"] for r in results["aux_free"]])
+    load_seq = _mean([r["load_max_over_mean"] for r in results["seq_aux"]])
     # "Matches": the mean paired difference is within the seed-to-seed spread
     # of either variant's final loss (half the min-max range).
     noise = max(_half_spread([r["val"][final] for r in results[n]]) for n in ("aux_free", "seq_aux"))
@@ -185,9 +191,11 @@ def comparisons(results, final: int, mid: int) -> List[str]:
         f"- **Aux-loss-free balancing matches or beats the aux loss** (DeepSeek-V3 Sec. 2.1.2 "
         f"and Wang et al. 2024): **{verdict}**. Paired difference aux-free − sequence aux at "
         f"step {final}: {', '.join(f'{d:+.3f}' for d in d_b)} (seed spread {noise:.3f}). "
-        f"Load max/mean: aux-free "
-        f"{_mean([r['load_max_over_mean'] for r in results['aux_free']]):.2f}, sequence aux "
-        f"{_mean([r['load_max_over_mean'] for r in results['seq_aux']]):.2f}.")
+        f"Load max/mean: aux-free {load_free:.2f}, sequence aux {load_seq:.2f}"
+        + (f"; the bias balances slowly here: it moves by gamma = 1e-3 per step, at most "
+           f"{final * 1e-3:.2f} in {final} steps against softmax scores of ~1/8 (DeepSeek-V3 "
+           "trains for ~10^5 steps), so at this length aux-free wins its loss with a less "
+           "even load." if load_free > load_seq else "."))
     return lines
 
 
@@ -225,7 +233,7 @@ def write_png(results, path: str) -> None:
     plt.close(fig)
 
 
-def write_markdown(results, args, path: str, png_name: str, elapsed: float) -> None:
+def write_markdown(results, args, path: str, png_name: str, elapsed: float, load: str) -> None:
     steps = sorted(next(iter(results.values()))[0]["val"])
     final, mid = steps[-1], steps[len(steps) // 2 - 1] if len(steps) > 1 else steps[-1]
     shown = sorted({steps[0], mid, final})
@@ -241,7 +249,7 @@ def write_markdown(results, args, path: str, png_name: str, elapsed: float) -> N
            "Every variant runs 2 expert FFNs of width F per token on average. Whole study: "
            f"{elapsed / 60:.1f} min on {info['nproc']} x {info['cpu']}, {args.jobs} runs at a "
            f"time with one thread each (load average at the end "
-           f"{info.get('load average', '?')}: on a shared machine throughput is indicative "
+           f"{load}: on a shared machine throughput is indicative "
            "only).", "",
            "## Validation loss (mean ± half the min-max spread over seeds)", "",
            "| variant | " + " | ".join(f"step {s}" for s in shown) + " |",
@@ -254,7 +262,10 @@ def write_markdown(results, args, path: str, png_name: str, elapsed: float) -> N
             "Load max/mean: the busiest expert's tokens over the mean, averaged over layers and "
             "the logs of the second half (1.0 is perfect balance). Dropped: token choice, the "
             "share of (token, expert) assignments cut by capacity; expert choice, the share of "
-            "tokens no expert chose (they pass through the residual).", "",
+            "tokens no expert chose (they pass through the residual). The runs ran two at a "
+            "time on a machine whose load changed during the study, so the tokens/s column "
+            "compares runs measured under different loads: it is no speed ranking "
+            "(benchmarks/moe_layer.py measures speed).", "",
             "| variant | tokens/s | vs top-2 | load max/mean | dropped |", "|---|---|---|---|---|"]
     for name, runs in results.items():
         tps = _mean([r["tokens_per_sec"] for r in runs])
@@ -264,7 +275,7 @@ def write_markdown(results, args, path: str, png_name: str, elapsed: float) -> N
     out += ["", f"![validation curves]({png_name})", "",
             "## Against the published directions", ""]
     out += comparisons(results, final, mid)
-    out += ["", "Caveats: a 4-layer, 8-expert model trained for a few hundred steps on a "
+    out += ["", f"Caveats: a 4-layer, 8-expert model trained for {args.steps} steps on a "
             "1 MB corpus is far from the papers' scale; two seeds give a spread, not a "
             "confidence interval. Expert choice here uses causal position groups of one "
             "micro-batch (8 tokens per group, docs/moe.md), much smaller groups than the "
@@ -274,28 +285,8 @@ def write_markdown(results, args, path: str, png_name: str, elapsed: float) -> N
         fh.write("\n".join(out))
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--eval-every", type=int, default=20)
-    parser.add_argument("--eval-iters", type=int, default=8)
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="comma-separated subset of: " + ", ".join(VARIANTS))
-    parser.add_argument("--jobs", type=int, default=2,
-                        help="runs at a time, one thread each (default 2, for 2 cores)")
-    parser.add_argument("--workdir", default=os.path.join("runs", "quality"),
-                        help="each study writes its runs to WORKDIR/<time>/")
-    parser.add_argument("--out", default=os.path.join(REPO_ROOT, "docs", "routing-quality.md"))
-    args = parser.parse_args(argv)
-    names = [n for n in args.variants.split(",") if n]
-    unknown = [n for n in names if n not in VARIANTS]
-    if (unknown or args.steps < 2 or args.seeds < 1 or args.jobs < 1
-            or not 0 < args.eval_every <= args.steps):
-        print(f"quality.py: bad arguments (variants must be among {', '.join(VARIANTS)}; "
-              "steps >= 2; seeds >= 1; 0 < eval-every <= steps)", file=sys.stderr)
-        return 2
-    workdir = os.path.join(args.workdir, time.strftime("%Y%m%d-%H%M%S"))
+def run_study(names, args, workdir):
+    """Every (seed, variant) run, ``args.jobs`` at a time; (results, seconds)."""
     jobs = [(seed, name) for seed in range(1, args.seeds + 1) for name in names]
     start = time.time()
     done: Dict[tuple, Dict] = {}
@@ -308,13 +299,56 @@ def main(argv=None) -> int:
             print(f"[quality] {name} seed {seed}: val {r['val'][max(r['val'])]:.4f}, "
                   f"{r['tokens_per_sec']:.0f} tok/s, {r['elapsed_s']:.0f}s "
                   f"({(time.time() - start) / 60:.1f} min so far)", flush=True)
-    results = {n: [done[(seed, n)] for seed in range(1, args.seeds + 1)] for n in names}
     elapsed = time.time() - start
+    with open(os.path.join(workdir, "study.json"), "w") as fh:
+        json.dump({"elapsed_s": elapsed, "argv": sys.argv[1:],
+                   "load_average": machine_info()["load average"]}, fh)
+    return {n: [done[(seed, n)] for seed in range(1, args.seeds + 1)] for n in names}, elapsed
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # The defaults are the study of docs/routing-quality.md: 27 min on a
+    # 2-core machine shared with other jobs, so within 30 min on 2 idle cores.
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--eval-iters", type=int, default=4)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated subset of: " + ", ".join(VARIANTS))
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="runs at a time, one thread each (default 2, for 2 cores)")
+    parser.add_argument("--workdir", default=os.path.join("runs", "quality"),
+                        help="each study writes its runs to WORKDIR/<time>/")
+    parser.add_argument("--report-from", metavar="STUDY_DIR",
+                        help="write the report from a finished study's runs instead of training "
+                             "(the same --steps, --seeds, --eval-every and --eval-iters)")
+    parser.add_argument("--out", default=os.path.join(REPO_ROOT, "docs", "routing-quality.md"))
+    args = parser.parse_args(argv)
+    names = [n for n in args.variants.split(",") if n]
+    unknown = [n for n in names if n not in VARIANTS]
+    if (unknown or args.steps < 2 or args.seeds < 1 or args.jobs < 1
+            or not 0 < args.eval_every <= args.steps):
+        print(f"quality.py: bad arguments (variants must be among {', '.join(VARIANTS)}; "
+              "steps >= 2; seeds >= 1; 0 < eval-every <= steps)", file=sys.stderr)
+        return 2
+    if args.report_from:
+        # Rebuild the report from a finished study (its runs and study.json).
+        workdir = args.report_from
+        with open(os.path.join(workdir, "study.json")) as fh:
+            study = json.load(fh)
+        elapsed, load = study["elapsed_s"], study.get("load_average", "not recorded")
+        results = {n: [read_run(os.path.join(workdir, f"{n}-seed{seed}"), args.steps)
+                       for seed in range(1, args.seeds + 1)] for n in names}
+    else:
+        workdir = os.path.join(args.workdir, time.strftime("%Y%m%d-%H%M%S"))
+        results, elapsed = run_study(names, args, workdir)
+        load = machine_info()["load average"]
     png = os.path.splitext(args.out)[0] + ".png"
     write_png(results, png)
     needed = {"top1", "top2", "ec_c2", "seq_aux", "aux_free"}
     if needed <= set(names):
-        write_markdown(results, args, args.out, os.path.basename(png), elapsed)
+        write_markdown(results, args, args.out, os.path.basename(png), elapsed, load)
         print(f"wrote {args.out} and {png}")
     else:
         print(f"wrote {png} (the report needs the variants {', '.join(sorted(needed))})")

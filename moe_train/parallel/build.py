@@ -95,14 +95,41 @@ def materialize(model: nn.Module, specs: Dict[str, InitSpec], seed: int,
     return model
 
 
+def materialize_sharded(model: nn.Module, specs: Dict[str, InitSpec], seed: int,
+                        device: torch.device) -> nn.Module:
+    """:func:`materialize` for a model under FSDP2: ``to_empty`` allocates
+    each rank's shards, which are filled in place (FSDP keeps its parameter
+    objects); every buffer is re-initialized."""
+    from moe_train.parallel.fsdp import local_region
+
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            region = local_region(p)
+            if tuple(p.shape) != specs[name].shape and \
+                    (is_expert_param(p) or is_expert_param(name)):
+                start = int(getattr(model.get_submodule(name.rsplit(".", 1)[0]),
+                                    "expert_offset", 0))
+                region[0] = (region[0][0] + start, region[0][1] + start)
+            p.to_local().copy_(init_values(specs[name], seed, name, region))
+        for name, b in model.named_buffers():
+            b.copy_(init_values(specs[name], seed, name))
+    return model
+
+
 def build_parallel_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, topology, seed: int,
-                         device: torch.device) -> nn.Module:
-    """The model this rank trains: built on meta, TP and EP applied, then its
-    own shards materialized on ``device`` from (``seed``, unsharded name)."""
+                         device: torch.device, dp_shard_size: int = 1) -> nn.Module:
+    """The model this rank trains: built on meta, TP and EP applied (and
+    FSDP2 when ``dp_shard_size`` > 1), then its own shards materialized on
+    ``device`` from (``seed``, unsharded name)."""
     model, specs = build_meta_model(model_cfg, moe_cfg)
     with META:
         model = parallelize(model, topology)
+    if dp_shard_size > 1:
+        from moe_train.parallel.fsdp import apply_fsdp
+
+        return materialize_sharded(apply_fsdp(model, topology), specs, seed, device)
     return materialize(model, specs, seed, device, topology)
 
 
-__all__ = ["build_meta_model", "materialize", "build_parallel_model"]
+__all__ = ["build_meta_model", "materialize", "materialize_sharded", "build_parallel_model"]

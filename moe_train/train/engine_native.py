@@ -8,6 +8,7 @@ ones of :mod:`moe_train.train.checkpoint`.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Dict
 
 import torch
@@ -22,19 +23,35 @@ from moe_train.train.optim import build_optimizer, build_scheduler
 
 class NativeEngine(Engine):
     """Replicated data parallelism with the hand-written bucketed all-reduce
-    after the backward (docs/parallelism.md says why)."""
+    after the backward (docs/parallelism.md says why), or FSDP2 full
+    sharding (``parallel.dp_shard_size`` = dp; parallel/fsdp.py)."""
 
     _norm = None  # set by clip() until step() or skip() uses it
 
     def __init__(self, model: nn.Module, cfg: Config, topology, accum: int):
         self.model, self.cfg, self.topology, self.accum = model, cfg, topology, accum
+        self.sharded = cfg.parallel.dp_shard_size > 1
         self.optimizer = build_optimizer(model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
+
+    def _full(self, write_back: bool = False):
+        # Checkpoints stay in the logical layout: FSDP shards are gathered
+        # around the save and scattered back after a load (parallel/fsdp.py).
+        if not self.sharded:
+            return contextlib.nullcontext()
+        from moe_train.parallel.fsdp import gathered
+
+        return gathered(self.model, self.optimizer, write_back=write_back)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accum).backward()
 
     def clip(self) -> torch.Tensor:
+        if self.sharded:  # FSDP reduce-scattered the gradients in the backward
+            from moe_train.parallel.fsdp import fsdp_clip_grad_norm
+
+            self._norm = fsdp_clip_grad_norm(self.model, self.cfg.train.grad_clip, self.topology)
+            return self._norm
         sync_gradients(self.model, self.topology)
         self._norm = clip_grad_norm(self.model, self.cfg.train.grad_clip, self.topology)
         return self._norm
@@ -61,9 +78,12 @@ class NativeEngine(Engine):
                            "data_parallel_size": topo.dp_size}}
 
     def save(self, run_dir: str, step: int, keep_last: int) -> str:
-        return ckpt.save_checkpoint(run_dir, step, self.model, self.optimizer, self.scheduler,
-                                    self.cfg, keep_last, topology=self.topology)
+        with self._full():
+            return ckpt.save_checkpoint(run_dir, step, self.model, self.optimizer,
+                                        self.scheduler, self.cfg, keep_last,
+                                        topology=self.topology)
 
     def load(self, ckpt_dir: str) -> int:
-        return ckpt.load_checkpoint(ckpt_dir, self.model, self.optimizer, self.scheduler,
-                                    self.cfg, self.topology)
+        with self._full(write_back=True):
+            return ckpt.load_checkpoint(ckpt_dir, self.model, self.optimizer, self.scheduler,
+                                        self.cfg, self.topology)

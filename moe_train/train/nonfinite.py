@@ -55,7 +55,9 @@ def weights_finite(model: torch.nn.Module, topology) -> bool:
     device = next(model.parameters()).device
     bad = torch.zeros((), device=device)
     for p in model.parameters():
-        bad = torch.maximum(bad, (~torch.isfinite(p.detach())).any().float())
+        local = p.detach()
+        local = local.to_local() if hasattr(local, "to_local") else local  # an FSDP shard
+        bad = torch.maximum(bad, (~torch.isfinite(local)).any().float())
     return any_rank(bad.reshape(1), topology).item() == 0
 
 

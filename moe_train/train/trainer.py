@@ -165,7 +165,8 @@ class Trainer:
         # Built on the meta device; only this rank's shards are materialized,
         # each initialized from (train.seed, its unsharded name).
         try:
-            self.model = build_parallel_model(cfg.model, cfg.moe, topology, t.seed, self.device)
+            self.model = build_parallel_model(cfg.model, cfg.moe, topology, t.seed, self.device,
+                                              cfg.parallel.dp_shard_size)
             apply_recompute(self.model, t.recompute)
         except ValueError as exc:  # a layout the model cannot be split into; names the fields
             raise ConfigError(str(exc))
@@ -489,9 +490,16 @@ def _val_data(val_ds, t) -> List[torch.Tensor]:
 def _refuse_unbuilt(cfg: Config) -> None:
     # The keys exist (plan reads them); the loop refuses what it cannot run yet
     # rather than silently replicating or keeping every activation.
-    if cfg.parallel.dp_shard_size > 1:
-        raise ConfigError(f"parallel.dp_shard_size ({cfg.parallel.dp_shard_size}): sharded "
-                          "data parallelism is not built yet; use 1")
+    p, world = cfg.parallel, env_world_size()
+    dp = world // p.tensor_parallel_size
+    if 1 < p.dp_shard_size < dp:
+        raise ConfigError(f"parallel.dp_shard_size ({p.dp_shard_size}): HSDP (a divisor "
+                          f"between 1 and the data-parallel size {dp}) is not built yet; use 1 "
+                          f"or {dp}")
+    if p.dp_shard_size > 1 and p.tensor_parallel_size > 1:
+        raise ConfigError(f"parallel.dp_shard_size ({p.dp_shard_size}) with "
+                          f"parallel.tensor_parallel_size ({p.tensor_parallel_size}) is not "
+                          "built yet; use one of them")
 
 
 def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> Dict[str, Any]:

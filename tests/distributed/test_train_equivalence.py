@@ -46,6 +46,9 @@ LAYOUTS = {
     "dp2": ["parallel.expert_parallel_size=1", "parallel.tensor_parallel_size=1"],
     "ep2": ["parallel.expert_parallel_size=2", "parallel.tensor_parallel_size=1"],
     "tp2": ["parallel.expert_parallel_size=1", "parallel.tensor_parallel_size=2"],
+    # FSDP2 full sharding (ZeRO-3 class), alone and with experts sharded by EP.
+    "fsdp2": ["parallel.dp_shard_size=2"],
+    "fsdp2_ep2": ["parallel.dp_shard_size=2", "parallel.expert_parallel_size=2"],
 }
 
 

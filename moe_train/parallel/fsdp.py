@@ -1,0 +1,168 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) composed with expert parallelism.
+
+``parallel.dp_shard_size`` equal to the data-parallel size shards parameters,
+gradients and optimizer state over the data-parallel ranks (ZeRO-3 class):
+
+- each MoE layer's routed experts (stacked ``[E_local, ...]`` weights) are
+  their own FSDP unit over the expert-data-parallel group, sharded along
+  dimension 0 (the expert dimension), as torchtitan does;
+- each transformer block (attention, norms, router, shared experts), then
+  the root (embedding, final norm, LM head) are units over the data-parallel
+  group.
+
+Gradients: FSDP reduce-scatters in the backward and averages over its mesh.
+Dense units average over dp, as the replicated path does. An expert unit's
+mesh is the expert-data-parallel group (dp/ep ranks) while its gradient must
+be scaled by 1/dp like every other (grad_sync.py explains why), so its
+divide factor is set to dp. The global norm sums the squares of every rank's
+local shards over the data-parallel group: each element lives on exactly one
+rank of it (TP is 1 here).
+
+Checkpoints keep the logical, layout-free format: :func:`gathered` swaps in
+full tensors (one all-gather per parameter and optimizer-state tensor)
+around the existing save and load, so a checkpoint moves between FSDP and
+replicated runs at any EP size. The saving rank then holds the full model
+for the duration of the save: a known limit of this first version.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Dict, Iterator, List, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moe_train.parallel.collectives import group_ranks
+from moe_train.parallel.expert_parallel import moe_layers
+
+
+def _mesh(topology, group):
+    from torch.distributed.device_mesh import DeviceMesh
+
+    ranks = group_ranks(group) if group is not None else [topology.rank]
+    return DeviceMesh(topology.device.type, ranks)
+
+
+def apply_fsdp(model: nn.Module, topology) -> nn.Module:
+    """Shard ``model`` (already TP/EP-parallelized, possibly on the meta
+    device) fully over the data-parallel ranks: experts per MoE layer over
+    the expert-data-parallel group along dim 0, blocks and root over dp."""
+    from torch.distributed.fsdp import fully_shard
+
+    dp_mesh = _mesh(topology, topology.dp_group)
+    expert_mesh = _mesh(topology, topology.expert_dp_group)
+    for _, layer in moe_layers(model):
+        fully_shard(layer.experts, mesh=expert_mesh)
+        layer.experts.set_gradient_divide_factor(float(topology.dp_size))
+    for block in model.blocks:
+        fully_shard(block, mesh=dp_mesh)
+    fully_shard(model, mesh=dp_mesh)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when ``model`` went through :func:`apply_fsdp`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local_region(param) -> List[Tuple[int, int]]:
+    """``(start, stop)`` per dimension of the slice of ``param`` (a DTensor)
+    this rank holds, in the coordinates of its global shape."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
+                                                          param.placements)
+    return [(o, o + n) for o, n in zip(offset, shape)]
+
+
+def fsdp_clip_grad_norm(model: nn.Module, max_norm: float, topology) -> torch.Tensor:
+    """Global gradient norm of a sharded model (before clipping), and clip
+    every local gradient shard by ``min(1, max_norm / (norm + 1e-6))``."""
+    grads = [p.grad.to_local() if _is_dtensor(p.grad) else p.grad
+             for p in model.parameters() if p.grad is not None]
+    device = grads[0].device if grads else topology.device
+    sq = torch.zeros((), dtype=torch.float32, device=device)
+    for g in grads:
+        sq = sq + torch.linalg.vector_norm(g.detach(), dtype=torch.float32).pow(2)
+    if topology.dp_group is not None and topology.dp_size > 1:
+        dist.all_reduce(sq, group=topology.dp_group)
+    total = sq.sqrt()
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+    return total
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module, optimizer=None, write_back: bool = False) -> Iterator[None]:
+    """Inside the block, every sharded parameter of ``model`` (and its
+    optimizer state) is a full plain tensor, as in a replicated model. With
+    ``write_back`` (a load), this rank's slices of the full values are
+    copied back into the shards on exit. A collective."""
+    from torch.distributed.tensor import DTensor
+
+    swapped: List[Tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []
+    full_of: Dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or not _is_dtensor(p):
+                continue
+            if id(p) not in full_of:
+                full_of[id(p)] = nn.Parameter(p.detach().full_tensor(),
+                                              requires_grad=p.requires_grad)
+            swapped.append((module, name, p, full_of[id(p)]))
+            module._parameters[name] = full_of[id(p)]
+    saved_groups, saved_state = None, None
+    if optimizer is not None:
+        saved_groups = [list(g["params"]) for g in optimizer.param_groups]
+        saved_state = optimizer.state
+        state = {}
+        for group in optimizer.param_groups:
+            group["params"] = [full_of.get(id(p), p) for p in group["params"]]
+        for p, entries in saved_state.items():
+            state[full_of.get(id(p), p)] = {
+                k: v.full_tensor() if _is_dtensor(v) else v for k, v in entries.items()}
+        optimizer.state = defaultdict(dict, state)
+    try:
+        yield
+    finally:
+        originals = {id(full): sharded for _, _, sharded, full in swapped}
+        if write_back:
+            with torch.no_grad():
+                for _, _, sharded, full in swapped:
+                    region = local_region(sharded)
+                    sharded.to_local().copy_(full[tuple(slice(a, b) for a, b in region)])
+        for module, name, sharded, _ in swapped:
+            module._parameters[name] = sharded
+        if optimizer is not None:
+            if write_back:
+                new_state = {}
+                for p, entries in optimizer.state.items():
+                    sharded = originals.get(id(p), p)
+                    if sharded is not p:
+                        region = tuple(slice(a, b) for a, b in local_region(sharded))
+                        entries = {k: DTensor.from_local(v[region].clone(), sharded.device_mesh,
+                                                         sharded.placements, run_check=False,
+                                                         shape=sharded.shape,
+                                                         stride=sharded.stride())
+                                   if torch.is_tensor(v) and v.dim() > 0 else v
+                                   for k, v in entries.items()}
+                    new_state[sharded] = entries
+                saved_state = defaultdict(dict, new_state)
+            for group, params in zip(optimizer.param_groups, saved_groups):
+                group["params"] = params
+            optimizer.state = saved_state
+
+
+__all__ = ["apply_fsdp", "is_sharded", "local_region", "fsdp_clip_grad_norm", "gathered"]

@@ -1,0 +1,79 @@
+"""FSDP2 full sharding with expert parallelism: optimizer state per rank,
+and checkpoints that move between FSDP+EP=2 (world 2) and replicated EP=1
+(world 1) in both directions onto the same curve. (Losses and final weights
+of FSDP runs against world 1 are in test_train_equivalence.py.)"""
+import os
+
+import pytest
+import torch
+
+from moe_train.config import load_config
+from moe_train.parallel.build import build_parallel_model
+from moe_train.parallel.expert_parallel import is_expert_param
+from moe_train.train.optim import build_optimizer
+from moe_train.train.trainer import train
+
+from .harness import init_topology_gloo, run_distributed
+from .test_train_equivalence import BASE, records
+
+FSDP_EP2 = ["parallel.dp_shard_size=2", "parallel.expert_parallel_size=2"]
+STEPS, SAVE = 6, 3
+COMMON = [f"train.max_steps={STEPS}", f"train.save_every={SAVE}", "train.eval_every=3"]
+
+
+def _cfg(run_dir, extra=()):
+    cfg = load_config(None, BASE + COMMON + list(extra))
+    cfg.train.run_dir = run_dir
+    return cfg
+
+
+def _optimizer_share(cfg, topo):
+    """(elements of AdamW state on this rank, elements of the whole model's)."""
+    cfg.model.vocab_size = 384  # what the trainer infers for the byte tokenizer
+    model = build_parallel_model(cfg.model, cfg.moe, topo, 0, torch.device("cpu"), 2)
+    opt = build_optimizer(model, cfg.train)
+    model(torch.zeros(1, 4, dtype=torch.long)).logits.sum().backward()
+    opt.step()
+    local = sum(v.to_local().numel() for s in opt.state.values() for k, v in s.items()
+                if k != "step")
+    # A DTensor's numel is its global one; experts hold E/ep of E (EP=2).
+    total = sum(p.numel() * (2 if is_expert_param(n) else 1) for n, p in model.named_parameters())
+    return local, 2 * total  # two AdamW moments per element
+
+
+def _worker(rank, world, run_dir, resume):
+    from moe_train.train.trainer import Trainer
+
+    topo = init_topology_gloo(expert_parallel_size=2)
+    share = _optimizer_share(_cfg(run_dir, FSDP_EP2), topo) if resume is None else None
+    return {"summary": Trainer(_cfg(run_dir, FSDP_EP2), topo, resume).fit(), "share": share}
+
+
+def test_fsdp_ep2_checkpoints_cross_load_with_replicated_ep1(tmp_path):
+    straight = str(tmp_path / "world1")
+    train(_cfg(straight))
+    fsdp = str(tmp_path / "fsdp_ep2")
+    results = run_distributed(_worker, 2, fsdp, None, timeout=300)
+
+    # ~1/dp of the AdamW state per rank (experts are split by EP already, the
+    # rest by FSDP): the two ranks together hold it once.
+    shares = [r["share"] for r in results]
+    assert sum(local for local, _ in shares) == shares[0][1]
+    for local, total in shares:
+        assert local == pytest.approx(total / 2, rel=0.1)
+
+    # Replicated EP=1 resumes the FSDP+EP=2 checkpoint, FSDP+EP=2 resumes the
+    # world-1 one: both continue on the straight run's curve.
+    from_fsdp = str(tmp_path / "from_fsdp")
+    train(_cfg(from_fsdp), resume=os.path.join(fsdp, "checkpoints", f"step_{SAVE}"))
+    from_world1 = str(tmp_path / "from_world1")
+    run_distributed(_worker, 2, from_world1,
+                    os.path.join(straight, "checkpoints", f"step_{SAVE}"), timeout=300)
+    want = records(straight)
+    for run in (fsdp, from_fsdp, from_world1):
+        got = records(run)
+        for step in range(SAVE + 1, STEPS + 1):
+            for key in ("loss/train", "train/grad_norm"):
+                assert got[step][key] == pytest.approx(want[step][key], rel=1e-5), \
+                    (run, step, key)
+        assert got[STEPS]["loss/val"] == pytest.approx(want[STEPS]["loss/val"], rel=1e-5), run

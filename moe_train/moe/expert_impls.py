@@ -117,6 +117,15 @@ def grouped_mm_experts(x_ND: torch.Tensor, counts_E: torch.Tensor, w1: torch.Ten
     return _ContiguousGrad.apply(y_ND)
 
 
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out = a @ b`` written straight into ``out`` (a slice of a stacked
+    gradient) when the dtypes match, else computed and cast in."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a @ b)
+
+
 class _ExpertLoop(torch.autograd.Function):
     """Expert e on block e for every local expert, with hand-written backward.
 
@@ -179,7 +188,7 @@ class _ExpertLoop(torch.autograd.Function):
             act1 = _act(ctx.activation, h1)
             a = act1 * h3 if h3 is not None else act1
             if need_w2:
-                g_w2[e].copy_(a.t() @ g_y)
+                _mm_into(g_w2[e], a.t(), g_y)
             g_a = g_y @ w2c[e].t()
             if h3 is not None:
                 g_h3 = g_a * act1
@@ -188,9 +197,9 @@ class _ExpertLoop(torch.autograd.Function):
                 g_h3 = None
                 g_h1 = _activation_backward(ctx.activation, g_a, h1)
             if need_w1:
-                g_w1[e].copy_(x_nD.t() @ g_h1)
+                _mm_into(g_w1[e], x_nD.t(), g_h1)
             if need_w3:
-                g_w3[e].copy_(x_nD.t() @ g_h3)
+                _mm_into(g_w3[e], x_nD.t(), g_h3)
             if ctx.needs_input_grad[5 + e]:
                 g_x = g_h1 @ w1c[e].t()
                 if g_h3 is not None:

@@ -13,8 +13,10 @@ gradients and optimizer state over the data-parallel ranks (ZeRO-3 class):
 Gradients: FSDP reduce-scatters in the backward and averages over its mesh.
 Dense units average over dp, as the replicated path does. An expert unit's
 mesh is the expert-data-parallel group (dp/ep ranks) while its gradient must
-be scaled by 1/dp like every other (grad_sync.py explains why), so its
-divide factor is set to dp. The global norm sums the squares of every rank's
+be scaled by 1/dp like every other (grad_sync.py explains why): FSDP's
+average leaves a factor ep, which :func:`fsdp_clip_grad_norm` divides out
+before measuring (a custom divide factor would need ReduceOp.PREMUL_SUM,
+which gloo lacks). The global norm sums the squares of every rank's
 local shards over the data-parallel group: each element lives on exactly one
 rank of it (TP is 1 here).
 
@@ -39,10 +41,14 @@ from moe_train.parallel.expert_parallel import moe_layers
 
 
 def _mesh(topology, group):
+    # From the existing megatron-core group: building a mesh from a rank list
+    # would create a new group, a collective that ranks of different
+    # expert-data-parallel groups would call with different lists (a hang).
     from torch.distributed.device_mesh import DeviceMesh
 
-    ranks = group_ranks(group) if group is not None else [topology.rank]
-    return DeviceMesh(topology.device.type, ranks)
+    if group is None:
+        group = dist.group.WORLD
+    return DeviceMesh.from_group(group, topology.device.type, mesh=group_ranks(group))
 
 
 def apply_fsdp(model: nn.Module, topology) -> nn.Module:
@@ -55,7 +61,6 @@ def apply_fsdp(model: nn.Module, topology) -> nn.Module:
     expert_mesh = _mesh(topology, topology.expert_dp_group)
     for _, layer in moe_layers(model):
         fully_shard(layer.experts, mesh=expert_mesh)
-        layer.experts.set_gradient_divide_factor(float(topology.dp_size))
     for block in model.blocks:
         fully_shard(block, mesh=dp_mesh)
     fully_shard(model, mesh=dp_mesh)
@@ -86,10 +91,20 @@ def local_region(param) -> List[Tuple[int, int]]:
 
 
 def fsdp_clip_grad_norm(model: nn.Module, max_norm: float, topology) -> torch.Tensor:
-    """Global gradient norm of a sharded model (before clipping), and clip
-    every local gradient shard by ``min(1, max_norm / (norm + 1e-6))``."""
-    grads = [p.grad.to_local() if _is_dtensor(p.grad) else p.grad
-             for p in model.parameters() if p.grad is not None]
+    """Finish the reduced gradients of a sharded model (experts: the 1/ep
+    FSDP's expert-data-parallel average leaves out), then return the global
+    gradient norm (before clipping) and clip every local gradient shard by
+    ``min(1, max_norm / (norm + 1e-6))``. Call once per step."""
+    from moe_train.parallel.expert_parallel import is_expert_param
+
+    grads = []
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        g = p.grad.to_local() if _is_dtensor(p.grad) else p.grad
+        if topology.ep_size > 1 and is_expert_param(name):
+            g.mul_(1.0 / topology.ep_size)
+        grads.append(g)
     device = grads[0].device if grads else topology.device
     sq = torch.zeros((), dtype=torch.float32, device=device)
     for g in grads:

@@ -77,3 +77,29 @@ def test_fsdp_ep2_checkpoints_cross_load_with_replicated_ep1(tmp_path):
                 assert got[step][key] == pytest.approx(want[step][key], rel=1e-5), \
                     (run, step, key)
         assert got[STEPS]["loss/val"] == pytest.approx(want[STEPS]["loss/val"], rel=1e-5), run
+
+
+FSDP4_EP2 = ["parallel.dp_shard_size=4", "parallel.expert_parallel_size=2"]
+MICRO2 = ["train.micro_batch_size=2", "train.save_every=0"]
+
+
+def _world4_worker(rank, world, run_dir):
+    return train(_cfg(run_dir, FSDP4_EP2 + MICRO2))
+
+
+def test_world4_full_shard_with_ep2_trains_like_one_process(tmp_path):
+    """World 4, dp_shard_size 4, EP=2: experts sharded along the expert
+    dimension over 2 expert-data-parallel ranks, everything else over 4."""
+    from moe_train.train.checkpoint import load_model
+
+    ref, run = str(tmp_path / "world1"), str(tmp_path / "fsdp4_ep2")
+    train(_cfg(ref, MICRO2))
+    run_distributed(_world4_worker, 4, run, timeout=240)
+    want, got = records(ref), records(run)
+    for step in want:
+        for key in ("loss/train", "train/grad_norm"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5), (step, key)
+    ref_state, state = load_model(ref)[0].state_dict(), load_model(run)[0].state_dict()
+    for name, value in state.items():
+        # atol = lr / 100, as in test_train_equivalence.py.
+        torch.testing.assert_close(value, ref_state[name], rtol=1e-4, atol=1e-4)

@@ -192,10 +192,10 @@ def comparisons(results, final: int, mid: int) -> List[str]:
         f"and Wang et al. 2024): **{verdict}**. Paired difference aux-free − sequence aux at "
         f"step {final}: {', '.join(f'{d:+.3f}' for d in d_b)} (seed spread {noise:.3f}). "
         f"Load max/mean: aux-free {load_free:.2f}, sequence aux {load_seq:.2f}"
-        + (f"; the bias balances slowly here: it moves by gamma = 1e-3 per step, at most "
-           f"{final * 1e-3:.2f} in {final} steps against softmax scores of ~1/8 (DeepSeek-V3 "
-           "trains for ~10^5 steps), so at this length aux-free wins its loss with a less "
-           "even load." if load_free > load_seq else "."))
+        + (f": here the bias balances less than the loss does. It moves by gamma = 1e-3 "
+           f"per step, at most {final * 1e-3:.2f} in {final} steps, against softmax scores "
+           "of ~1/8 (DeepSeek-V3 trains for ~10^5 steps), so at this length aux-free's loss "
+           "comes with a less even load." if load_free > load_seq else "."))
     return lines
 
 
@@ -308,11 +308,12 @@ def run_study(names, args, workdir):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    # The defaults are the study of docs/routing-quality.md: 27 min on a
-    # 2-core machine shared with other jobs, so within 30 min on 2 idle cores.
-    parser.add_argument("--steps", type=int, default=40)
+    # The defaults are the study of docs/routing-quality.md: 13.5 min on a
+    # 2-core machine shared with other jobs (the same study at 40 steps took
+    # 27 min there under a heavier load), within 30 min on 2 cores.
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--eval-iters", type=int, default=4)
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated subset of: " + ", ".join(VARIANTS))

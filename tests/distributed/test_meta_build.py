@@ -84,8 +84,10 @@ def test_each_rank_materializes_only_its_shards():
         added = res["peak"] - res["before"]
         # The measurement means something only if the build set the peak.
         assert res["peak"] > res["peak_before"] and added >= expert_bytes // 2, res
-        # Half the experts plus the dense part is exactly what the rank keeps;
-        # 8 MiB covers Python objects and allocator pages. Building all
-        # experts first, even one layer's at a time, would add >= 200 MB.
-        assert added < expert_bytes // 2 + res["big_dense_bytes"] + 8 * 2 ** 20, \
+        # Half the experts plus the dense part is exactly what the rank keeps
+        # (measured: +0.05 MiB over it in most runs). About one run in seven
+        # showed ~95 MiB more RSS than the tensors (cause not found: allocator
+        # arenas of the gloo threads are the suspect), hence 128 MiB of slack;
+        # building all experts and dropping half would add ~500 MiB more.
+        assert added < expert_bytes // 2 + res["big_dense_bytes"] + 128 * 2 ** 20, \
             (rank, added / 2 ** 20, res["big_dense_bytes"] / 2 ** 20)

@@ -130,15 +130,17 @@ def check_same_run(reference, run_dir, layout):
                                    msg=lambda m: f"{layout}: {name}: {m}")
 
 
-def test_aux_loss_free_balancing_trains_like_one_process(tmp_path):
+@pytest.mark.parametrize("layout", ["ep2", "fsdp2_ep2"])
+def test_aux_loss_free_balancing_trains_like_one_process(layout, tmp_path):
     # The expert bias is updated from the load of the whole global batch, so
     # expert-parallel ranks (each seeing half of it) must end with exactly the
-    # single process's biases, and train the same losses.
+    # single process's biases, and train the same losses; under FSDP too
+    # (the bias is a buffer, never sharded).
     extra = ["moe.expert_bias_update_rate=0.01", "moe.aux_loss=sequence",
              "moe.aux_loss_coef=0.0001"]
     ref_dir, ep_dir = str(tmp_path / "world1"), str(tmp_path / "ep2")
     train(config(ref_dir, extra))
-    run_distributed(train_worker, 2, ep_dir, extra + LAYOUTS["ep2"], timeout=180)
+    run_distributed(train_worker, 2, ep_dir, extra + LAYOUTS[layout], timeout=180)
     want, got = records(ref_dir), records(ep_dir)
     for step in want:
         assert got[step]["loss/train"] == pytest.approx(want[step]["loss/train"], rel=RTOL)

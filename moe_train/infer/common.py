@@ -27,6 +27,14 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def eod_id_or_none(tokenizer) -> Optional[int]:
+    """The tokenizer's end-of-document id, or None when it has none."""
+    try:
+        return int(tokenizer.eod_id)
+    except (ConfigError, ValueError):
+        return None
+
+
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     """``--checkpoint``, ``--device`` and ``--precision``."""
     p.add_argument("--checkpoint", required=True, metavar="RUN_OR_CKPT",

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from moe_train.config import ConfigError
-from moe_train.infer.common import Loaded, Parser, UsageError, add_common_arguments, load
+from moe_train.infer.common import (Loaded, Parser, UsageError, add_common_arguments,
+                                    eod_id_or_none, load)
 from moe_train.train import InputError
 
 
@@ -157,13 +158,6 @@ def data_batches(data: str, cfg, tokenizer, max_tokens: Optional[int]) -> List[t
     return windows(tokens, cfg.train.seq_len, cfg.train.micro_batch_size)
 
 
-def _eod_id(tokenizer) -> Optional[int]:
-    try:
-        return int(tokenizer.eod_id)
-    except (ConfigError, ValueError):  # a tokenizer without an end-of-document token
-        return None
-
-
 def _parser() -> Parser:
     p = Parser(prog="moe-train eval",
                description="Loss, perplexity and bits per byte of a checkpoint.")
@@ -197,7 +191,7 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = None) -> int:
             source = f"{cfg.data.dataset or 'data.blend'} (run validation)"
         else:
             parts, weights = {"": data_batches(args.data, cfg, tokenizer, args.max_tokens)}, None
-            eod, source = _eod_id(tokenizer), args.data
+            eod, source = eod_id_or_none(tokenizer), args.data
         run = load(args.checkpoint, args.device, args.precision)
         result = evaluate(run, parts, tokenizer, weights, eod)
     except (InputError, ConfigError) as exc:

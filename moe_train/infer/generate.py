@@ -20,7 +20,8 @@ from typing import Callable, ContextManager, Iterator, List, Optional, Sequence,
 import torch
 
 from moe_train.config import ConfigError
-from moe_train.infer.common import Loaded, Parser, UsageError, add_common_arguments, load
+from moe_train.infer.common import (Loaded, Parser, UsageError, add_common_arguments,
+                                    eod_id_or_none, load)
 from moe_train.infer.sampling import next_token
 from moe_train.model.kv_cache import KVCache
 from moe_train.train import InputError
@@ -89,13 +90,6 @@ def stream_text(tokenizer, prompt_ids: List[int], new_ids: Iterator[int], out: T
     return new
 
 
-def _eod_id(tokenizer) -> Optional[int]:
-    try:
-        return int(tokenizer.eod_id)
-    except (ConfigError, ValueError):  # a tokenizer without an end-of-document token
-        return None
-
-
 def _parser() -> Parser:
     p = Parser(prog="moe-train generate",
                description="Continue a prompt with a trained model (KV-cached decoding).")
@@ -149,7 +143,7 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = None) -> int:
         ids = generate_ids(run.model, prompt_ids, args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            seed=args.seed, autocast=run.autocast,
-                           stop_id=None if args.ignore_eod else _eod_id(tokenizer))
+                           stop_id=None if args.ignore_eod else eod_id_or_none(tokenizer))
         stream_text(tokenizer, prompt_ids, ids, out)
     except (InputError, ConfigError) as exc:
         return fail(str(exc))

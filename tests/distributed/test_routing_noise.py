@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from moe_train.config import load_config
-from moe_train.train.trainer import train
 
 from .harness import init_topology_gloo, run_distributed
 

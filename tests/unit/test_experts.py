@@ -12,7 +12,6 @@ from moe_train.config import ConfigError, MoEConfig, config_from_dict
 from moe_train.model.mlp import MLP
 from moe_train.moe.dispatcher import LocalDispatcher
 from moe_train.moe.experts import Experts
-from moe_train.moe.permute import make_permutation, permute, unpermute
 from moe_train.moe.router import build_router
 from moe_train.moe.routing import RoutingDecision
 

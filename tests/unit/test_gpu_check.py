@@ -3,7 +3,6 @@
 CPU with --cpu-smoke."""
 import json
 import os
-import sys
 
 import pytest
 import torch

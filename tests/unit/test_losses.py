@@ -142,10 +142,6 @@ def _cv2(values):
     return statistics.pvariance(values) / statistics.mean(values) ** 2
 
 
-def _phi(z):
-    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
-
-
 def test_router_shazeer_losses_train_smooth_eval_counts():
     # Expected values by plain loops over tokens and experts (Shazeer et al.
     # 2017, Eq 3-11), not by the functions of losses.py under test.

@@ -13,7 +13,7 @@ Found by reading where each field ends up:
   and ``beta=1`` divides by zero in the bias correction);
 - ``model.norm_eps``: ``> 0`` (0 divides by zero on an all-zero row);
 - ``model.rope.*`` floats: finite (checked above) and ``base > 0``
-  (config.validate);
+  (config_validate.validate);
 - ``train.max_skipped_steps``: ``>= 1``.
 
 Messages never print a whole oversized number (a 4000-digit integer cannot

@@ -49,7 +49,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moe_train.config import Config, ConfigError, config_warnings, save_config
+from moe_train.config import Config, ConfigError, save_config
+from moe_train.config_validate import config_warnings
 from moe_train.console import fmt
 from moe_train.moe.balancing import update_expert_biases
 from moe_train.moe.routing_noise import keyed_micro_batches

@@ -3,7 +3,8 @@ a warmup longer than the run is a one-line warning; the balancing-loss
 weight defaults to each paper's."""
 import pytest
 
-from moe_train.config import ConfigError, MoEConfig, config_warnings, load_config
+from moe_train.config import ConfigError, MoEConfig, load_config
+from moe_train.config_validate import config_warnings
 
 
 @pytest.mark.parametrize("override, needle", [

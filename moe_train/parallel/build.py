@@ -128,7 +128,8 @@ def build_parallel_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, topology, s
     if dp_shard_size > 1:
         from moe_train.parallel.fsdp import apply_fsdp
 
-        return materialize_sharded(apply_fsdp(model, topology), specs, seed, device)
+        return materialize_sharded(apply_fsdp(model, topology, dp_shard_size), specs, seed,
+                                   device)
     return materialize(model, specs, seed, device, topology)
 
 

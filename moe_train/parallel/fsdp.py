@@ -1,7 +1,15 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) composed with expert parallelism.
 
 ``parallel.dp_shard_size`` equal to the data-parallel size shards parameters,
-gradients and optimizer state over the data-parallel ranks (ZeRO-3 class):
+gradients and optimizer state over the data-parallel ranks (ZeRO-3 class).
+A divisor S strictly between 1 and dp gives HSDP: a 2-D mesh (replicate,
+shard) of dp/S rows of S consecutive data-parallel ranks; each parameter is
+sharded within a row and replicated down the columns (FSDP2 reduce-scatters
+in the row, then all-reduces the shard down the column). Experts use the
+same construction over their expert-data-parallel group with
+``gcd(S, dp / ep)`` ranks per row (all of them when dp / ep divides S);
+a gcd of 1 with more than one expert-data-parallel rank is refused
+(trainer ``_refuse_unbuilt``).
 
 - each MoE layer's routed experts (stacked ``[E_local, ...]`` weights) are
   their own FSDP unit over the expert-data-parallel group, sharded along
@@ -18,7 +26,8 @@ average leaves a factor ep, which :func:`fsdp_clip_grad_norm` divides out
 before measuring (a custom divide factor would need ReduceOp.PREMUL_SUM,
 which gloo lacks). The global norm sums the squares of every rank's
 local shards over the data-parallel group: each element lives on exactly one
-rank of it (TP is 1 here).
+rank of it (TP is 1 here); under HSDP only the first row of each mesh
+(replicate coordinate 0) contributes, as the other rows hold copies.
 
 Checkpoints keep the logical, layout-free format: :func:`gathered` swaps in
 full tensors (one all-gather per parameter and optimizer-state tensor)
@@ -29,6 +38,7 @@ for the duration of the save: a known limit of this first version.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import defaultdict
 from typing import Dict, Iterator, List, Tuple
 
@@ -51,14 +61,62 @@ def _mesh(topology, group):
     return DeviceMesh.from_group(group, topology.device.type, mesh=group_ranks(group))
 
 
-def apply_fsdp(model: nn.Module, topology) -> nn.Module:
+def _all_group_lists(topology, group) -> List[List[int]]:
+    # Every rank's member list of its ``group`` kind (dp or expert-dp), the
+    # same sorted list on every rank.
+    mine = group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    lists: List[List[int]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(lists, mine)
+    return sorted({tuple(x) for x in lists})  # type: ignore[return-value]
+
+
+def _hsdp_mesh(topology, group, shard: int):
+    """A 2-D (replicate, shard) mesh over ``group``'s ranks, rows of
+    ``shard`` consecutive members. Every rank creates every row and column
+    group of every such group in the same order (new_group is collective
+    over the world even for non-members)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    me = dist.get_rank()
+    mine_rows, replicate, shard_group = None, None, None
+    for members in _all_group_lists(topology, group):
+        rows = [list(members[i:i + shard]) for i in range(0, len(members), shard)]
+        groups_rows = [dist.new_group(r) for r in rows]
+        groups_cols = [dist.new_group([r[j] for r in rows]) for j in range(shard)]
+        for i, r in enumerate(rows):
+            if me in r:
+                mine_rows, shard_group = rows, groups_rows[i]
+                replicate = groups_cols[r.index(me)]
+    return DeviceMesh.from_group([replicate, shard_group], topology.device.type,
+                                 mesh=torch.tensor(mine_rows, dtype=torch.int),
+                                 mesh_dim_names=("replicate", "shard"))
+
+
+def _mesh_for(topology, group, size: int, shard: int):
+    # 1-D (full sharding) when the shard spans the group, else HSDP's 2-D.
+    if shard >= size:
+        return _mesh(topology, group)
+    return _hsdp_mesh(topology, group, shard)
+
+
+def expert_shard_size(dp_shard_size: int, expert_dp_size: int) -> int:
+    """Ranks each expert parameter is sharded over: ``gcd(dp_shard_size,
+    expert_dp_size)`` (all expert-data-parallel ranks under full sharding)."""
+    return math.gcd(dp_shard_size, expert_dp_size)
+
+
+def apply_fsdp(model: nn.Module, topology, dp_shard_size: int = 0) -> nn.Module:
     """Shard ``model`` (already TP/EP-parallelized, possibly on the meta
-    device) fully over the data-parallel ranks: experts per MoE layer over
-    the expert-data-parallel group along dim 0, blocks and root over dp."""
+    device) over the data-parallel ranks: experts per MoE layer over the
+    expert-data-parallel group along dim 0, blocks and root over dp. Fully
+    (``dp_shard_size`` 0 or dp) or HSDP (a divisor between: shard within
+    rows of that many ranks, replicate across rows)."""
     from torch.distributed.fsdp import fully_shard
 
-    dp_mesh = _mesh(topology, topology.dp_group)
-    expert_mesh = _mesh(topology, topology.expert_dp_group)
+    shard = dp_shard_size or topology.dp_size
+    dp_mesh = _mesh_for(topology, topology.dp_group, topology.dp_size, shard)
+    expert_mesh = _mesh_for(topology, topology.expert_dp_group, topology.expert_dp_size,
+                            expert_shard_size(shard, topology.expert_dp_size))
     for _, layer in moe_layers(model):
         fully_shard(layer.experts, mesh=expert_mesh)
     for block in model.blocks:
@@ -104,19 +162,29 @@ def fsdp_clip_grad_norm(model: nn.Module, max_norm: float, topology) -> torch.Te
         g = p.grad.to_local() if _is_dtensor(p.grad) else p.grad
         if topology.ep_size > 1 and is_expert_param(name):
             g.mul_(1.0 / topology.ep_size)
-        grads.append(g)
-    device = grads[0].device if grads else topology.device
+        grads.append((g, _first_copy(p)))
+    device = grads[0][0].device if grads else topology.device
     sq = torch.zeros((), dtype=torch.float32, device=device)
-    for g in grads:
-        sq = sq + torch.linalg.vector_norm(g.detach(), dtype=torch.float32).pow(2)
+    for g, counted in grads:
+        if counted:
+            sq = sq + torch.linalg.vector_norm(g.detach(), dtype=torch.float32).pow(2)
     if topology.dp_group is not None and topology.dp_size > 1:
         dist.all_reduce(sq, group=topology.dp_group)
     total = sq.sqrt()
     if max_norm > 0:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for g in grads:
+        for g, _ in grads:
             g.mul_(coef.to(g.dtype))
     return total
+
+
+def _first_copy(param) -> bool:
+    # HSDP: rows of the (replicate, shard) mesh hold the same shards; the
+    # norm counts the row at replicate coordinate 0 only.
+    if not _is_dtensor(param) or param.device_mesh.ndim < 2:
+        return True
+    coordinate = param.device_mesh.get_coordinate()
+    return coordinate is None or coordinate[0] == 0
 
 
 @contextlib.contextmanager
@@ -180,4 +248,4 @@ def gathered(model: nn.Module, optimizer=None, write_back: bool = False) -> Iter
             optimizer.state = saved_state
 
 
-__all__ = ["apply_fsdp", "is_sharded", "local_region", "fsdp_clip_grad_norm", "gathered"]
+__all__ = ["apply_fsdp", "expert_shard_size", "is_sharded", "local_region", "fsdp_clip_grad_norm", "gathered"]

@@ -24,7 +24,8 @@ from moe_train.train.optim import build_optimizer, build_scheduler
 class NativeEngine(Engine):
     """Replicated data parallelism with the hand-written bucketed all-reduce
     after the backward (docs/parallelism.md says why), or FSDP2 full
-    sharding (``parallel.dp_shard_size`` = dp; parallel/fsdp.py)."""
+    sharding (``parallel.dp_shard_size`` = dp) or HSDP (a divisor between;
+    parallel/fsdp.py)."""
 
     _norm = None  # set by clip() until step() or skip() uses it
 

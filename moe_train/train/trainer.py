@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import random
 import sys
@@ -493,10 +494,13 @@ def _refuse_unbuilt(cfg: Config) -> None:
     # rather than silently replicating or keeping every activation.
     p, world = cfg.parallel, env_world_size()
     dp = world // p.tensor_parallel_size
-    if 1 < p.dp_shard_size < dp:
-        raise ConfigError(f"parallel.dp_shard_size ({p.dp_shard_size}): HSDP (a divisor "
-                          f"between 1 and the data-parallel size {dp}) is not built yet; use 1 "
-                          f"or {dp}")
+    expert_dp = dp // max(1, p.expert_parallel_size)
+    if 1 < p.dp_shard_size < dp and expert_dp > 1 and math.gcd(p.dp_shard_size, expert_dp) == 1:
+        # HSDP shards experts over gcd(dp_shard_size, dp / ep) ranks (parallel/fsdp.py).
+        raise ConfigError(f"parallel.dp_shard_size ({p.dp_shard_size}) shares no factor with "
+                          f"the expert-data-parallel size {expert_dp} (data-parallel {dp} / "
+                          f"expert_parallel_size {p.expert_parallel_size}); use a multiple "
+                          "or divisor of it")
     if p.dp_shard_size > 1 and p.tensor_parallel_size > 1:
         raise ConfigError(f"parallel.dp_shard_size ({p.dp_shard_size}) with "
                           f"parallel.tensor_parallel_size ({p.tensor_parallel_size}) is not "

@@ -103,3 +103,48 @@ def test_world4_full_shard_with_ep2_trains_like_one_process(tmp_path):
     for name, value in state.items():
         # atol = lr / 100, as in test_train_equivalence.py.
         torch.testing.assert_close(value, ref_state[name], rtol=1e-4, atol=1e-4)
+
+
+TEN = MICRO2 + ["train.max_steps=10"]
+HSDP = {"hsdp2": ["parallel.dp_shard_size=2"] + TEN,
+        "hsdp2_ep2": ["parallel.dp_shard_size=2", "parallel.expert_parallel_size=2"] + TEN}
+
+
+def _hsdp_worker(rank, world, run_dirs):
+    # Both layouts in one spawned world and one process group; megatron-core's
+    # groups are rebuilt for each EP size.
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    dist.init_process_group("gloo")
+    for name, extra in HSDP.items():
+        train(_cfg(run_dirs[name], extra))
+        ps.destroy_model_parallel()
+
+
+def test_world4_hsdp_with_and_without_ep2_trains_like_one_process(tmp_path):
+    """World 4, dp_shard_size 2 (HSDP: a 2 x 2 replicate x shard mesh over
+    the data-parallel ranks). EP=1: experts on the same 2 x 2 mesh; EP=2: the
+    expert-data-parallel groups have 2 ranks, so experts are fully sharded
+    over them while blocks and root are HSDP. 10 steps against world 1."""
+    from moe_train.train.checkpoint import load_model
+
+    ref = str(tmp_path / "world1")
+    train(_cfg(ref, TEN))
+    run_dirs = {name: str(tmp_path / name) for name in HSDP}
+    run_distributed(_hsdp_worker, 4, run_dirs, timeout=300)
+    want = records(ref)
+    ref_state = load_model(ref)[0].state_dict()
+    assert max(want) == 10
+    for name, run in run_dirs.items():
+        got = records(run)
+        for step in want:
+            for key in ("loss/train", "train/grad_norm"):
+                assert got[step][key] == pytest.approx(want[step][key], rel=1e-5), \
+                    (name, step, key)
+        assert got[10]["loss/val"] == pytest.approx(want[10]["loss/val"], rel=1e-5), name
+        state = load_model(run)[0].state_dict()
+        for key, value in state.items():
+            # atol = lr / 100, as in test_train_equivalence.py.
+            torch.testing.assert_close(value, ref_state[key], rtol=1e-5, atol=1e-4,
+                                       msg=lambda m: f"{name} {key}: {m}")

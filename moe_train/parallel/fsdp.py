@@ -38,6 +38,7 @@ for the duration of the save: a known limit of this first version.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections import defaultdict
 from typing import Dict, Iterator, List, Tuple
@@ -50,7 +51,15 @@ from moe_train.parallel.collectives import group_ranks
 from moe_train.parallel.expert_parallel import moe_layers
 
 
-def _mesh(topology, group):
+# DTensor caches sharding decisions under keys that compare meshes by ranks,
+# layout and dimension names, not by process group: a second build in the
+# same process (train() after train(), new process groups) would otherwise
+# be handed the first build's mesh and its destroyed groups. A fresh name
+# per build keeps the meshes of different builds unequal.
+_BUILDS = itertools.count()
+
+
+def _mesh(topology, group, name: str):
     # From the existing megatron-core group: building a mesh from a rank list
     # would create a new group, a collective that ranks of different
     # expert-data-parallel groups would call with different lists (a hang).
@@ -58,7 +67,8 @@ def _mesh(topology, group):
 
     if group is None:
         group = dist.group.WORLD
-    return DeviceMesh.from_group(group, topology.device.type, mesh=group_ranks(group))
+    return DeviceMesh.from_group(group, topology.device.type, mesh=group_ranks(group),
+                                 mesh_dim_names=(name,))
 
 
 def _all_group_lists(topology, group) -> List[List[int]]:
@@ -70,7 +80,7 @@ def _all_group_lists(topology, group) -> List[List[int]]:
     return sorted({tuple(x) for x in lists})  # type: ignore[return-value]
 
 
-def _hsdp_mesh(topology, group, shard: int):
+def _hsdp_mesh(topology, group, shard: int, name: str):
     """A 2-D (replicate, shard) mesh over ``group``'s ranks, rows of
     ``shard`` consecutive members. Every rank creates every row and column
     group of every such group in the same order (new_group is collective
@@ -89,14 +99,14 @@ def _hsdp_mesh(topology, group, shard: int):
                 replicate = groups_cols[r.index(me)]
     return DeviceMesh.from_group([replicate, shard_group], topology.device.type,
                                  mesh=torch.tensor(mine_rows, dtype=torch.int),
-                                 mesh_dim_names=("replicate", "shard"))
+                                 mesh_dim_names=(f"{name}_replicate", f"{name}_shard"))
 
 
-def _mesh_for(topology, group, size: int, shard: int):
+def _mesh_for(topology, group, size: int, shard: int, name: str):
     # 1-D (full sharding) when the shard spans the group, else HSDP's 2-D.
     if shard >= size:
-        return _mesh(topology, group)
-    return _hsdp_mesh(topology, group, shard)
+        return _mesh(topology, group, name)
+    return _hsdp_mesh(topology, group, shard, name)
 
 
 def expert_shard_size(dp_shard_size: int, expert_dp_size: int) -> int:
@@ -113,10 +123,10 @@ def apply_fsdp(model: nn.Module, topology, dp_shard_size: int = 0) -> nn.Module:
     rows of that many ranks, replicate across rows)."""
     from torch.distributed.fsdp import fully_shard
 
-    shard = dp_shard_size or topology.dp_size
-    dp_mesh = _mesh_for(topology, topology.dp_group, topology.dp_size, shard)
+    shard, build = dp_shard_size or topology.dp_size, next(_BUILDS)
+    dp_mesh = _mesh_for(topology, topology.dp_group, topology.dp_size, shard, f"dp{build}")
     expert_mesh = _mesh_for(topology, topology.expert_dp_group, topology.expert_dp_size,
-                            expert_shard_size(shard, topology.expert_dp_size))
+                            expert_shard_size(shard, topology.expert_dp_size), f"edp{build}")
     for _, layer in moe_layers(model):
         fully_shard(layer.experts, mesh=expert_mesh)
     for block in model.blocks:

@@ -110,16 +110,13 @@ HSDP = {"hsdp2": ["parallel.dp_shard_size=2"] + TEN,
         "hsdp2_ep2": ["parallel.dp_shard_size=2", "parallel.expert_parallel_size=2"] + TEN}
 
 
-def _hsdp_worker(rank, world, run_dirs):
-    # Both layouts in one spawned world and one process group; megatron-core's
-    # groups are rebuilt for each EP size.
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    dist.init_process_group("gloo")
-    for name, extra in HSDP.items():
+def _hsdp_worker(rank, world, run_dirs, ports):
+    # Both layouts in one spawned world, each train() joining and leaving its
+    # own process group (on its own port): the second build must not reuse
+    # the first one's meshes (fsdp._BUILDS; this order failed without it).
+    for (name, extra), port in zip(HSDP.items(), ports):
+        os.environ["MASTER_PORT"] = str(port)
         train(_cfg(run_dirs[name], extra))
-        ps.destroy_model_parallel()
 
 
 def test_world4_hsdp_with_and_without_ep2_trains_like_one_process(tmp_path):
@@ -129,10 +126,12 @@ def test_world4_hsdp_with_and_without_ep2_trains_like_one_process(tmp_path):
     over them while blocks and root are HSDP. 10 steps against world 1."""
     from moe_train.train.checkpoint import load_model
 
+    from .harness import free_port
+
     ref = str(tmp_path / "world1")
     train(_cfg(ref, TEN))
     run_dirs = {name: str(tmp_path / name) for name in HSDP}
-    run_distributed(_hsdp_worker, 4, run_dirs, timeout=300)
+    run_distributed(_hsdp_worker, 4, run_dirs, [free_port(), free_port()], timeout=300)
     want = records(ref)
     ref_state = load_model(ref)[0].state_dict()
     assert max(want) == 10

@@ -106,7 +106,7 @@ def test_world4_full_shard_with_ep2_trains_like_one_process(tmp_path):
 
 
 TEN = MICRO2 + ["train.max_steps=10"]
-HSDP = {"hsdp2": ["parallel.dp_shard_size=2"] + TEN,
+HSDP = {"hsdp2": ["parallel.dp_shard_size=2"] + TEN + ["train.save_every=5"],
         "hsdp2_ep2": ["parallel.dp_shard_size=2", "parallel.expert_parallel_size=2"] + TEN}
 
 
@@ -117,27 +117,33 @@ def _hsdp_worker(rank, world, run_dirs, ports):
     for (name, extra), port in zip(HSDP.items(), ports):
         os.environ["MASTER_PORT"] = str(port)
         train(_cfg(run_dirs[name], extra))
+    # Resume the EP=1 HSDP checkpoint of step 5 under HSDP with EP=2: the
+    # shards are gathered into the logical layout and scattered back.
+    os.environ["MASTER_PORT"] = str(ports[-1])
+    train(_cfg(run_dirs["resumed"], HSDP["hsdp2_ep2"]),
+          resume=os.path.join(run_dirs["hsdp2"], "checkpoints", "step_5"))
 
 
 def test_world4_hsdp_with_and_without_ep2_trains_like_one_process(tmp_path):
     """World 4, dp_shard_size 2 (HSDP: a 2 x 2 replicate x shard mesh over
     the data-parallel ranks). EP=1: experts on the same 2 x 2 mesh; EP=2: the
     expert-data-parallel groups have 2 ranks, so experts are fully sharded
-    over them while blocks and root are HSDP. 10 steps against world 1."""
+    over them while blocks and root are HSDP. 10 steps against world 1, and
+    steps 6-10 of the EP=1 run's step-5 checkpoint resumed under EP=2."""
     from moe_train.train.checkpoint import load_model
 
     from .harness import free_port
 
     ref = str(tmp_path / "world1")
     train(_cfg(ref, TEN))
-    run_dirs = {name: str(tmp_path / name) for name in HSDP}
-    run_distributed(_hsdp_worker, 4, run_dirs, [free_port(), free_port()], timeout=300)
+    run_dirs = {name: str(tmp_path / name) for name in list(HSDP) + ["resumed"]}
+    run_distributed(_hsdp_worker, 4, run_dirs, [free_port() for _ in range(3)], timeout=300)
     want = records(ref)
     ref_state = load_model(ref)[0].state_dict()
     assert max(want) == 10
     for name, run in run_dirs.items():
         got = records(run)
-        for step in want:
+        for step in (range(6, 11) if name == "resumed" else want):
             for key in ("loss/train", "train/grad_norm"):
                 assert got[step][key] == pytest.approx(want[step][key], rel=1e-5), \
                     (name, step, key)

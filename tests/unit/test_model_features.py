@@ -17,14 +17,6 @@ from moe_train.model.transformer import build_model  # noqa: E402
 from moe_train.moe.layer import MoELayer  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _hf_attention(module_cls, rotary_cls, hf_cfg, x):
     hf_cfg._attn_implementation = "sdpa"  # no mask -> is_causal, as ours
     torch.manual_seed(1)

@@ -17,7 +17,7 @@ setup(
         "psutil",
         "safetensors",
         "tokenizers",
-        "matplotlib",
+        "pyarrow",
         "megatron-core",
         "deepspeed",
         "ray[default,train]",

@@ -21,6 +21,7 @@ from moe_train.config import ModelConfig, MoEConfig
 from moe_train.model.init import InitSpec, init_specs, init_values, recording_init
 from moe_train.parallel import parallelize
 from moe_train.parallel.expert_parallel import is_expert_param
+from moe_train.parallel.tensor_parallel import is_tensor_parallel_param
 
 META = torch.device("meta")
 
@@ -96,21 +97,28 @@ def materialize(model: nn.Module, specs: Dict[str, InitSpec], seed: int,
 
 
 def materialize_sharded(model: nn.Module, specs: Dict[str, InitSpec], seed: int,
-                        device: torch.device) -> nn.Module:
+                        device: torch.device, topology=None) -> nn.Module:
     """:func:`materialize` for a model under FSDP2: ``to_empty`` allocates
     each rank's shards, which are filled in place (FSDP keeps its parameter
-    objects); every buffer is re-initialized."""
+    objects); every buffer is re-initialized. A shard's region in the
+    unsharded tensor is its FSDP region within this rank's TP shard (offset
+    by the TP rank along the partition dimension) or expert range."""
     from moe_train.parallel.fsdp import local_region
+    from moe_train.parallel.tensor_parallel import mark_tensor_parallel_params
 
     model.to_empty(device=device)
+    mark_tensor_parallel_params(model)
+    tp_rank = topology.tp_rank if topology is not None else 0
     with torch.no_grad():
         for name, p in model.named_parameters():
-            region = local_region(p)
-            if tuple(p.shape) != specs[name].shape and \
-                    (is_expert_param(p) or is_expert_param(name)):
+            region, full = local_region(p), specs[name].shape
+            if tuple(p.shape) != full and (is_expert_param(p) or is_expert_param(name)):
                 start = int(getattr(model.get_submodule(name.rsplit(".", 1)[0]),
                                     "expert_offset", 0))
                 region[0] = (region[0][0] + start, region[0][1] + start)
+            elif tuple(p.shape) != full and is_tensor_parallel_param(p):
+                dim, start = p.partition_dim, tp_rank * p.shape[p.partition_dim]
+                region[dim] = (region[dim][0] + start, region[dim][1] + start)
             p.to_local().copy_(init_values(specs[name], seed, name, region))
         for name, b in model.named_buffers():
             b.copy_(init_values(specs[name], seed, name))
@@ -129,7 +137,7 @@ def build_parallel_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, topology, s
         from moe_train.parallel.fsdp import apply_fsdp
 
         return materialize_sharded(apply_fsdp(model, topology, dp_shard_size), specs, seed,
-                                   device)
+                                   device, topology)
     return materialize(model, specs, seed, device, topology)
 
 

@@ -1,4 +1,4 @@
-"""FSDP2 (``torch.distributed.fsdp.fully_shard``) composed with expert parallelism.
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) composed with EP and TP.
 
 ``parallel.dp_shard_size`` equal to the data-parallel size shards parameters,
 gradients and optimizer state over the data-parallel ranks (ZeRO-3 class).
@@ -25,15 +25,26 @@ be scaled by 1/dp like every other (grad_sync.py explains why): FSDP's
 average leaves a factor ep, which :func:`fsdp_clip_grad_norm` divides out
 before measuring (a custom divide factor would need ReduceOp.PREMUL_SUM,
 which gloo lacks). The global norm sums the squares of every rank's
-local shards over the data-parallel group: each element lives on exactly one
-rank of it (TP is 1 here); under HSDP only the first row of each mesh
-(replicate coordinate 0) contributes, as the other rows hold copies.
+local shards over the data-parallel group, where each element of this TP
+rank's model lives on exactly one rank; under HSDP only the first row of
+each mesh (replicate coordinate 0) contributes, as the other rows hold
+copies. Then over the TP group: TP-sharded weights from every TP rank,
+TP-replicated parameters (norms, router, embeddings, experts) from TP rank
+0 only.
+
+Tensor parallelism composes: TP is applied first (megatron-core layers
+whose plain weights hold the TP shard), then FSDP shards those TP-local
+tensors over the data-parallel group (the ranks with the same TP rank).
+FSDP's parameters lose megatron's TP attributes; they are put back
+(``mark_tensor_parallel_params``) so that the per-name initialization,
+the norm and the checkpoints know which weights are TP shards.
 
 Checkpoints keep the logical, layout-free format: :func:`gathered` swaps in
-full tensors (one all-gather per parameter and optimizer-state tensor)
-around the existing save and load, so a checkpoint moves between FSDP and
-replicated runs at any EP size. The saving rank then holds the full model
-for the duration of the save: a known limit of this first version.
+full tensors (one all-gather per parameter and optimizer-state tensor; under
+TP the TP-local full tensor, still marked, which the checkpoint gathers over
+TP) around the existing save and load, so a checkpoint moves between FSDP
+and replicated runs at any EP and TP size. The saving rank then holds the
+full model for the duration of the save: a known limit of this first version.
 """
 from __future__ import annotations
 
@@ -49,6 +60,9 @@ from torch import nn
 
 from moe_train.parallel.collectives import group_ranks
 from moe_train.parallel.expert_parallel import moe_layers
+from moe_train.parallel.tensor_parallel import (is_tensor_parallel_param,
+                                                 mark_tensor_parallel_params,
+                                                 tensor_parallel_marks)
 
 
 # DTensor caches sharding decisions under keys that compare meshes by ranks,
@@ -132,7 +146,9 @@ def apply_fsdp(model: nn.Module, topology, dp_shard_size: int = 0) -> nn.Module:
     for block in model.blocks:
         fully_shard(block, mesh=dp_mesh)
     fully_shard(model, mesh=dp_mesh)
-    return model
+    # FSDP's new Parameter objects lack megatron's TP marks, which the
+    # materialization, the norm and the checkpoints read.
+    return mark_tensor_parallel_params(model)
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -162,17 +178,25 @@ def fsdp_clip_grad_norm(model: nn.Module, max_norm: float, topology) -> torch.Te
     """Finish the reduced gradients of a sharded model (experts: the 1/ep
     FSDP's expert-data-parallel average leaves out), then return the global
     gradient norm (before clipping) and clip every local gradient shard by
-    ``min(1, max_norm / (norm + 1e-6))``. Call once per step."""
+    ``min(1, max_norm / (norm + 1e-6))``. Call once per step.
+
+    Squares are summed over the data-parallel group, where every element of
+    a TP rank's model lives on exactly one rank (HSDP: the first row), then
+    over the TP group: TP-sharded weights on every TP rank, TP-replicated
+    parameters and experts on TP rank 0 only (the other TP ranks hold
+    copies). The norm is the same on every rank."""
     from moe_train.parallel.expert_parallel import is_expert_param
 
     grads = []
+    replicas = topology.tp_size > 1 and topology.tp_rank != 0
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
         g = p.grad.to_local() if _is_dtensor(p.grad) else p.grad
         if topology.ep_size > 1 and is_expert_param(name):
             g.mul_(1.0 / topology.ep_size)
-        grads.append((g, _first_copy(p)))
+        counted = _first_copy(p) and (is_tensor_parallel_param(p) or not replicas)
+        grads.append((g, counted))
     device = grads[0][0].device if grads else topology.device
     sq = torch.zeros((), dtype=torch.float32, device=device)
     for g, counted in grads:
@@ -180,6 +204,8 @@ def fsdp_clip_grad_norm(model: nn.Module, max_norm: float, topology) -> torch.Te
             sq = sq + torch.linalg.vector_norm(g.detach(), dtype=torch.float32).pow(2)
     if topology.dp_group is not None and topology.dp_size > 1:
         dist.all_reduce(sq, group=topology.dp_group)
+    if topology.tp_group is not None and topology.tp_size > 1:
+        dist.all_reduce(sq, group=topology.tp_group)
     total = sq.sqrt()
     if max_norm > 0:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
@@ -212,8 +238,11 @@ def gathered(model: nn.Module, optimizer=None, write_back: bool = False) -> Iter
             if p is None or not _is_dtensor(p):
                 continue
             if id(p) not in full_of:
-                full_of[id(p)] = nn.Parameter(p.detach().full_tensor(),
-                                              requires_grad=p.requires_grad)
+                # The TP-local full tensor, still marked as a TP shard so
+                # that the checkpoint gathers (or slices) it over TP.
+                full = nn.Parameter(p.detach().full_tensor(), requires_grad=p.requires_grad)
+                full.__dict__.update(tensor_parallel_marks(p))
+                full_of[id(p)] = full
             swapped.append((module, name, p, full_of[id(p)]))
             module._parameters[name] = full_of[id(p)]
     saved_groups, saved_state = None, None

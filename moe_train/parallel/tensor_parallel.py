@@ -186,6 +186,29 @@ def apply_tensor_parallel(model: nn.Module, topology) -> nn.Module:
     return model
 
 
+def tensor_parallel_marks(param: torch.Tensor) -> dict:
+    """megatron's TP attributes of ``param`` (``tensor_model_parallel``,
+    ``partition_dim``, ``partition_stride``), empty for a replicated one."""
+    return {k: getattr(param, k) for k in ("tensor_model_parallel", "partition_dim",
+                                            "partition_stride") if hasattr(param, k)}
+
+
+def mark_tensor_parallel_params(model: nn.Module) -> nn.Module:
+    """Put megatron's TP attributes back on the weight of every column- and
+    row-parallel linear of ``model``. Wrappers that replace the Parameter
+    objects (FSDP2's ``fully_shard``, ``to_empty``) drop them, and
+    :func:`is_tensor_parallel_param` reads them. Returns ``model``."""
+    kinds = {cls: dim for kind, cls in _CLASSES.items()
+             for dim in [_COLUMN if kind == "column" else _ROW]}
+    for module in model.modules():
+        dim = kinds.get(type(module))
+        weight = getattr(module, "weight", None)
+        if dim is not None and weight is not None and not is_tensor_parallel_param(weight):
+            weight.tensor_model_parallel, weight.partition_dim = True, dim
+            weight.partition_stride = 1
+    return model
+
+
 def full_weight_shard(weight: torch.Tensor, param: torch.Tensor, topology) -> torch.Tensor:
     """The slice of a full (TP=1) tensor ``weight`` that the TP-sharded
     ``param`` of this rank corresponds to (``weight`` itself if ``param`` is
@@ -197,4 +220,5 @@ def full_weight_shard(weight: torch.Tensor, param: torch.Tensor, topology) -> to
 
 
 __all__ = ["apply_tensor_parallel", "column_parallel", "row_parallel", "shard_attention",
-           "shard_mlp", "is_tensor_parallel_param", "full_weight_shard"]
+           "shard_mlp", "is_tensor_parallel_param", "full_weight_shard", "tensor_parallel_marks",
+           "mark_tensor_parallel_params"]

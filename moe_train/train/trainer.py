@@ -490,8 +490,8 @@ def _val_data(val_ds, t) -> List[torch.Tensor]:
 
 
 def _refuse_unbuilt(cfg: Config) -> None:
-    # The keys exist (plan reads them); the loop refuses what it cannot run yet
-    # rather than silently replicating or keeping every activation.
+    # Layouts the config alone allows but the loop cannot build: refused in
+    # one line before any process group exists.
     p, world = cfg.parallel, env_world_size()
     dp = world // p.tensor_parallel_size
     expert_dp = dp // max(1, p.expert_parallel_size)
@@ -501,10 +501,6 @@ def _refuse_unbuilt(cfg: Config) -> None:
                           f"the expert-data-parallel size {expert_dp} (data-parallel {dp} / "
                           f"expert_parallel_size {p.expert_parallel_size}); use a multiple "
                           "or divisor of it")
-    if p.dp_shard_size > 1 and p.tensor_parallel_size > 1:
-        raise ConfigError(f"parallel.dp_shard_size ({p.dp_shard_size}) with "
-                          f"parallel.tensor_parallel_size ({p.tensor_parallel_size}) is not "
-                          "built yet; use one of them")
 
 
 def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> Dict[str, Any]:

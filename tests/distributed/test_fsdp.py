@@ -1,7 +1,9 @@
-"""FSDP2 full sharding with expert parallelism: optimizer state per rank,
-and checkpoints that move between FSDP+EP=2 (world 2) and replicated EP=1
-(world 1) in both directions onto the same curve. (Losses and final weights
-of FSDP runs against world 1 are in test_train_equivalence.py.)"""
+"""FSDP2 full sharding and HSDP with expert and tensor parallelism:
+optimizer state per rank; checkpoints that move between FSDP+EP=2 (world 2)
+and replicated EP=1 (world 1) in both directions onto the same curve; world
+4 layouts (full shard with EP 2, HSDP, TP=2 x FSDP, full shard without EP)
+trained against world 1. (World-2 FSDP runs against world 1 are in
+test_train_equivalence.py.)"""
 import os
 
 import pytest
@@ -106,6 +108,14 @@ def test_world4_full_shard_with_ep2_trains_like_one_process(tmp_path):
 
 
 TEN = MICRO2 + ["train.max_steps=10"]
+
+
+@pytest.fixture(scope="module")
+def ten_step_reference(tmp_path_factory):
+    """World 1, 10 steps in micro-batches of 2, checkpoints at steps 5 and 10."""
+    run_dir = str(tmp_path_factory.mktemp("world1"))
+    train(_cfg(run_dir, TEN + ["train.save_every=5"]))
+    return run_dir
 HSDP = {"hsdp2": ["parallel.dp_shard_size=2"] + TEN + ["train.save_every=5"],
         "hsdp2_ep2": ["parallel.dp_shard_size=2", "parallel.expert_parallel_size=2"] + TEN}
 
@@ -124,7 +134,8 @@ def _hsdp_worker(rank, world, run_dirs, ports):
           resume=os.path.join(run_dirs["hsdp2"], "checkpoints", "step_5"))
 
 
-def test_world4_hsdp_with_and_without_ep2_trains_like_one_process(tmp_path):
+def test_world4_hsdp_with_and_without_ep2_trains_like_one_process(ten_step_reference,
+                                                                   tmp_path):
     """World 4, dp_shard_size 2 (HSDP: a 2 x 2 replicate x shard mesh over
     the data-parallel ranks). EP=1: experts on the same 2 x 2 mesh; EP=2: the
     expert-data-parallel groups have 2 ranks, so experts are fully sharded
@@ -134,8 +145,7 @@ def test_world4_hsdp_with_and_without_ep2_trains_like_one_process(tmp_path):
 
     from .harness import free_port
 
-    ref = str(tmp_path / "world1")
-    train(_cfg(ref, TEN))
+    ref = ten_step_reference
     run_dirs = {name: str(tmp_path / name) for name in list(HSDP) + ["resumed"]}
     run_distributed(_hsdp_worker, 4, run_dirs, [free_port() for _ in range(3)], timeout=300)
     want = records(ref)
@@ -149,6 +159,58 @@ def test_world4_hsdp_with_and_without_ep2_trains_like_one_process(tmp_path):
                     (name, step, key)
         assert got[10]["loss/val"] == pytest.approx(want[10]["loss/val"], rel=1e-5), name
         state = load_model(run)[0].state_dict()
+        for key, value in state.items():
+            # atol = lr / 100, as in test_train_equivalence.py.
+            torch.testing.assert_close(value, ref_state[key], rtol=1e-5, atol=1e-4,
+                                       msg=lambda m: f"{name} {key}: {m}")
+
+
+# World 4 as TP=2 x dp 2, FSDP2 full shard over dp with EP=2 (experts: one
+# expert-data-parallel rank each), then dp 4 full shard with EP=1.
+TP_FSDP = {"tp2_fsdp2_ep2": ["parallel.tensor_parallel_size=2", "parallel.dp_shard_size=2",
+                             "parallel.expert_parallel_size=2"] + TEN + ["train.save_every=5"],
+           "fsdp4": ["parallel.dp_shard_size=4"] + TEN}
+
+
+def _tp_fsdp_worker(rank, world, run_dirs, resume, ports):
+    # Each train() joins and leaves its own process group (own port).
+    for (name, extra), port in zip(TP_FSDP.items(), ports):
+        os.environ["MASTER_PORT"] = str(port)
+        train(_cfg(run_dirs[name], extra))
+    # Load under TP=2 x FSDP (shards scattered back into TP-local tensors).
+    os.environ["MASTER_PORT"] = str(ports[-1])
+    train(_cfg(run_dirs["tp2_resumed"], TP_FSDP["tp2_fsdp2_ep2"]), resume=resume)
+
+
+def test_world4_fsdp_with_tp2_and_without_ep_trains_like_one_process(ten_step_reference,
+                                                                     tmp_path):
+    """FSDP2 composed with TP: TP=2 x full shard over dp=2 with EP=2, and
+    dp_shard_size 4 with EP=1, give world 1's losses, gradient norms,
+    validation loss and final weights over 10 steps. Checkpoints cross both
+    ways: world 1 resumes TP=2 x FSDP's step 5, TP=2 x FSDP resumes world 1's."""
+    from moe_train.train.checkpoint import load_model
+
+    from .harness import free_port
+
+    ref = ten_step_reference
+    run_dirs = {name: str(tmp_path / name) for name in list(TP_FSDP) + ["tp2_resumed"]}
+    run_distributed(_tp_fsdp_worker, 4, run_dirs,
+                    os.path.join(ref, "checkpoints", "step_5"),
+                    [free_port() for _ in range(3)], timeout=300)
+    run_dirs["world1_resumed"] = str(tmp_path / "world1_resumed")
+    train(_cfg(run_dirs["world1_resumed"], TEN),
+          resume=os.path.join(run_dirs["tp2_fsdp2_ep2"], "checkpoints", "step_5"))
+    want = records(ref)
+    ref_state = load_model(ref)[0].state_dict()
+    for name, run in run_dirs.items():
+        got = records(run)
+        for step in (range(6, 11) if name.endswith("resumed") else want):
+            for key in ("loss/train", "train/grad_norm"):
+                assert got[step][key] == pytest.approx(want[step][key], rel=1e-5), \
+                    (name, step, key)
+        assert got[10]["loss/val"] == pytest.approx(want[10]["loss/val"], rel=1e-5), name
+        state = load_model(run)[0].state_dict()
+        assert state.keys() == ref_state.keys(), name
         for key, value in state.items():
             # atol = lr / 100, as in test_train_equivalence.py.
             torch.testing.assert_close(value, ref_state[key], rtol=1e-5, atol=1e-4,

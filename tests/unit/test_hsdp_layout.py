@@ -1,6 +1,6 @@
 """HSDP's layout rule: experts shard over gcd(dp_shard_size, dp / ep)
 expert-data-parallel ranks, and a gcd of 1 (with more than one such rank)
-is refused in one line naming the field. (Training under HSDP against one
+is refused in one line naming the field; FSDP with TP is accepted. (Training under HSDP against one
 process: tests/distributed/test_fsdp.py.)"""
 import pytest
 
@@ -30,3 +30,12 @@ def test_hsdp_refused_when_experts_share_no_factor(monkeypatch):
     with pytest.raises(ConfigError, match=r"^parallel.dp_shard_size \(2\) shares no factor "
                                           r"with the expert-data-parallel size 3"):
         _refuse_unbuilt(_cfg("parallel.dp_shard_size=2", "parallel.expert_parallel_size=4"))
+
+
+def test_fsdp_and_hsdp_accepted_with_tensor_parallelism(monkeypatch):
+    # Built (parallel/fsdp.py); trained against world 1 in test_fsdp.py.
+    monkeypatch.setenv("WORLD_SIZE", "8")  # tp 2, dp 4
+    for shard in (2, 4):
+        _refuse_unbuilt(load_config(None, ["parallel.tensor_parallel_size=2",
+                                           f"parallel.dp_shard_size={shard}",
+                                           "parallel.expert_parallel_size=2"]))

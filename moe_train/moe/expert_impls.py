@@ -21,6 +21,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from moe_train.moe.grad_buffers import stacked_grad_buffer
+
 IMPLS = ("auto", "grouped_mm", "loop", "reference")
 # torch._grouped_mm reads rows whose strides must be multiples of 16 bytes
 # ("strides should be multiple of 16 bytes", CPU and CUDA): 8 bf16 values.
@@ -181,9 +183,9 @@ class _ExpertLoop(torch.autograd.Function):
         w3c = w3.to(dtype) if w3 is not None else None
         need_w1, need_w3, need_w2 = ctx.needs_input_grad[2:5]
         # One stacked gradient per weight, filled slice by slice.
-        g_w1 = torch.empty_like(w1) if need_w1 else None
-        g_w3 = torch.empty_like(w3) if need_w3 else None
-        g_w2 = torch.empty_like(w2) if need_w2 else None
+        g_w1 = stacked_grad_buffer(w1) if need_w1 else None
+        g_w3 = stacked_grad_buffer(w3) if need_w3 else None
+        g_w2 = stacked_grad_buffer(w2) if need_w2 else None
         g_xs: List[Optional[torch.Tensor]] = []
         for e in range(E):
             x_nD = xs[e].to(dtype)

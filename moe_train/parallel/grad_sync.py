@@ -104,13 +104,29 @@ def sync_gradients(model: nn.Module, topology,
     """Reduce the gradients of ``model`` after backward (see the module doc):
     dense ones averaged over ``topology.dp_group``, expert ones summed over
     ``topology.expert_dp_group``, both scaled by ``1/topology.dp_size``.
-    Parameters that require grad but have none get zeros. No-op with dp 1."""
+    Parameters that require grad but have none get zeros. No-op with dp 1.
+
+    The trainer reduces the dense part with torch DDP during the backward
+    instead (:mod:`moe_train.parallel.ddp`); this all-at-once reduction is
+    the reference tests compare it with."""
     if topology.dp_size == 1:
         return
-    dense, expert = split_params(model)
-    scale = 1.0 / topology.dp_size
-    all_reduce_bucketed(_grads(dense), topology.dp_group, scale, bucket_numel)
-    all_reduce_bucketed(_grads(expert), topology.expert_dp_group, scale, bucket_numel)
+    dense, _ = split_params(model)
+    all_reduce_bucketed(_grads(dense), topology.dp_group, 1.0 / topology.dp_size, bucket_numel)
+    sync_expert_gradients(model, topology, bucket_numel)
+
+
+def sync_expert_gradients(model: nn.Module, topology,
+                          bucket_numel: int = DEFAULT_BUCKET_NUMEL) -> None:
+    """The expert half of :func:`sync_gradients`: routed-expert gradients
+    summed over ``topology.expert_dp_group`` and scaled by
+    ``1/topology.dp_size`` (only scaled where that group is one rank, EP =
+    dp). No-op with dp 1."""
+    if topology.dp_size == 1:
+        return
+    _, expert = split_params(model)
+    all_reduce_bucketed(_grads(expert), topology.expert_dp_group, 1.0 / topology.dp_size,
+                        bucket_numel)
 
 
 def _sum_of_squares(grads: List[torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -1,10 +1,15 @@
 """The native engine: torch data parallelism around moe_train's model.
 
-Gradients are reduced by :func:`moe_train.parallel.sync_gradients` (dense over
-the data-parallel group, experts over the expert-data-parallel group) and
-clipped by the global norm (:func:`moe_train.parallel.clip_grad_norm`); AdamW
-and the warmup + cosine schedule step. Checkpoints are the layout-independent
-ones of :mod:`moe_train.train.checkpoint`.
+Replicated (``parallel.dp_shard_size`` 1, dp > 1): the training forward
+goes through torch DDP (:mod:`moe_train.parallel.ddp`), which all-reduces
+the dense gradients over the data-parallel group during the last
+micro-batch's backward (``no_sync`` on the others); routed-expert gradients
+under expert parallelism are summed over the expert-data-parallel group
+after it. Sharded (``dp_shard_size`` > 1): FSDP2 (parallel/fsdp.py).
+Gradients are then clipped by the global norm
+(:func:`moe_train.parallel.clip_grad_norm`); AdamW and the warmup + cosine
+schedule step. Checkpoints are the layout-independent ones of
+:mod:`moe_train.train.checkpoint`, written from the plain model.
 """
 from __future__ import annotations
 
@@ -16,24 +21,46 @@ from torch import nn
 
 from moe_train.config import Config
 from moe_train.parallel import clip_grad_norm, sync_gradients
+from moe_train.parallel.ddp import replicate
 from moe_train.train import checkpoint as ckpt
 from moe_train.train.engine import Engine
 from moe_train.train.optim import build_optimizer, build_scheduler
 
 
 class NativeEngine(Engine):
-    """Replicated data parallelism with the hand-written bucketed all-reduce
-    after the backward (docs/parallelism.md says why), or FSDP2 full
-    sharding (``parallel.dp_shard_size`` = dp) or HSDP (a divisor between;
-    parallel/fsdp.py)."""
+    """Replicated data parallelism through torch DDP (parallel/ddp.py), or
+    FSDP2 full sharding (``parallel.dp_shard_size`` = dp) or HSDP (a divisor
+    between; parallel/fsdp.py)."""
 
     _norm = None  # set by clip() until step() or skip() uses it
+
+    replicate_with = "ddp"
+    """How a replicated run reduces gradients: ``ddp`` (torch DDP, overlapped
+    with the backward) or ``allreduce`` (the hand-written
+    :func:`moe_train.parallel.sync_gradients` after the backward). Read when
+    an engine is built; benchmarks/ddp_overlap.py and the tests set it to
+    compare the two."""
 
     def __init__(self, model: nn.Module, cfg: Config, topology, accum: int):
         self.model, self.cfg, self.topology, self.accum = model, cfg, topology, accum
         self.sharded = cfg.parallel.dp_shard_size > 1
+        if self.replicate_with not in ("ddp", "allreduce"):
+            raise ValueError(f"NativeEngine.replicate_with must be ddp or allreduce, "
+                             f"got {self.replicate_with!r}")
+        self.ddp = (replicate(model, topology)
+                    if not self.sharded and topology.dp_size > 1 and self.replicate_with == "ddp"
+                    else None)
+        self._forwards = 0  # training forwards since the last step: the last one syncs
         self.optimizer = build_optimizer(model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
+
+    def __call__(self, inputs: torch.Tensor, **kwargs):
+        if self.ddp is None or not torch.is_grad_enabled():
+            return self.model(inputs, **kwargs)
+        # DDP decides in the forward whether the coming backward reduces:
+        # only the step's last micro-batch does, after the others accumulated.
+        self._forwards += 1
+        return self.ddp(inputs, sync=self._forwards >= self.accum, **kwargs)
 
     def _full(self, write_back: bool = False):
         # Checkpoints stay in the logical layout: FSDP shards are gathered
@@ -53,13 +80,17 @@ class NativeEngine(Engine):
 
             self._norm = fsdp_clip_grad_norm(self.model, self.cfg.train.grad_clip, self.topology)
             return self._norm
-        sync_gradients(self.model, self.topology)
+        if self.ddp is not None:  # DDP reduced the dense gradients in the backward
+            self.ddp.sync_experts()
+        else:
+            sync_gradients(self.model, self.topology)
         self._norm = clip_grad_norm(self.model, self.cfg.train.grad_clip, self.topology)
         return self._norm
 
     def step(self) -> torch.Tensor:
         norm = self._norm if self._norm is not None else self.clip()
         self._norm = None
+        self._forwards = 0
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -67,6 +98,7 @@ class NativeEngine(Engine):
 
     def skip(self) -> bool:
         self._norm = None
+        self._forwards = 0
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return True

@@ -4,7 +4,9 @@
 the same seed: tensor parallelism first (attention, dense MLP, shared
 experts), then expert parallelism (routed experts + all-to-all dispatcher).
 After backward, ``sync_gradients`` reduces dense and expert gradients over
-their own groups and ``clip_grad_norm`` clips by the global norm.
+their own groups and ``clip_grad_norm`` clips by the global norm; the
+trainer reduces the dense ones with torch DDP during the backward instead
+(:mod:`moe_train.parallel.ddp`).
 :mod:`moe_train.parallel.collectives` holds the training loop's other
 collectives (barrier, broadcast, metric reductions) and
 :mod:`moe_train.parallel.dist_checkpoint` the layout-independent sharded

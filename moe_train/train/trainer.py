@@ -14,10 +14,10 @@ loss over the global batch whatever dp and micro_batch_size are.
 Parallelism (docs/parallelism.md): every rank builds the model on the meta
 device, ``parallelize`` shards it (TP, then EP) and only this rank's shards
 are materialized, each parameter initialized from (``train.seed``, its
-unsharded name) (:mod:`moe_train.parallel.build`); after the last
-micro-batch ``sync_gradients`` reduces dense gradients over the data-parallel
-group and expert gradients over the expert-data-parallel group, and
-``clip_grad_norm`` clips by the global norm. Expert-parallel groups sit inside
+unsharded name) (:mod:`moe_train.parallel.build`); the engine reduces
+dense gradients over the data-parallel group (torch DDP, during the last
+micro-batch's backward) and expert gradients over the expert-data-parallel
+group, and ``clip_grad_norm`` clips by the global norm. Expert-parallel groups sit inside
 the data-parallel group, so EP ranks train on different rows; TP ranks share
 their dp_rank and so their rows. Checkpoints are sharded and EP/TP-independent
 (:mod:`moe_train.train.checkpoint`). The loop drives one engine interface

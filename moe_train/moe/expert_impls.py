@@ -127,6 +127,11 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 class _ExpertLoop(torch.autograd.Function):
     """Expert e on block e for every local expert, with hand-written backward.
 
+    The rows come either as E blocks (``counts`` None: E outputs, E input
+    gradients) or packed, as one ``[N, D]`` tensor split by the host
+    ``counts`` (one output and one input gradient, written slice by slice:
+    no cat in either direction).
+
     Forward saves per expert what autograd would: the input block, the
     pre-activations ``h1 = x w1[e]``, ``h3 = x w3[e]``, ``act(h1)`` and the
     product. Gradients of w1/w3/w2 are written slice by slice
@@ -134,15 +139,20 @@ class _ExpertLoop(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, activation: str, dtype: torch.dtype, w1, w3, w2, *x_blocks):
-        w1c, w2c = w1.to(dtype), w2.to(dtype)
-        w3c = w3.to(dtype) if w3 is not None else None
+    def forward(ctx, activation: str, dtype: torch.dtype, counts, w1, w3, w2, *xs):
+        packed = counts is not None
+        x_blocks = xs[0].to(dtype).split(counts) if packed else [x.to(dtype) for x in xs]
+        w1s, w2s = w1.to(dtype).unbind(0), w2.to(dtype).unbind(0)
+        w3s = w3.to(dtype).unbind(0) if w3 is not None else None
+        y_blocks = None
+        if packed:
+            y_ND = xs[0].new_empty(xs[0].shape[0], w2.shape[-1], dtype=dtype)
+            y_blocks = y_ND.split(counts)
         hs1, hs3, acts, As, ys = [], [], [], [], []
         for e, x_nD in enumerate(x_blocks):
-            x_nD = x_nD.to(dtype)
-            h1 = x_nD @ w1c[e]
-            if w3c is not None:
-                h3 = x_nD @ w3c[e]
+            h1 = x_nD @ w1s[e]
+            if w3s is not None:
+                h3 = x_nD @ w3s[e]
                 act1 = F.silu(h1)
                 a = act1 * h3
                 hs3.append(h3)
@@ -151,15 +161,19 @@ class _ExpertLoop(torch.autograd.Function):
                 a = F.gelu(h1)
             hs1.append(h1)
             As.append(a)
-            ys.append(a @ w2c[e])
-        ctx.activation, ctx.dtype, ctx.num_blocks = activation, dtype, len(x_blocks)
-        ctx.x_dtypes = [x.dtype for x in x_blocks]
+            if packed:
+                torch.mm(a, w2s[e], out=y_blocks[e])
+            else:
+                ys.append(a @ w2s[e])
+        ctx.activation, ctx.dtype, ctx.counts = activation, dtype, counts
+        ctx.num_blocks = len(x_blocks)
+        ctx.x_dtypes = [x.dtype for x in xs]
         ctx.has_w3 = w3 is not None
         # What autograd would keep for these ops (x, h1, act(h1), h3, the
         # product): recomputing the last two in the backward measured ~15%
         # slower at small widths.
-        ctx.save_for_backward(w1, w3, w2, *x_blocks, *hs1, *As, *hs3, *acts)
-        return tuple(ys)
+        ctx.save_for_backward(w1, w3, w2, *xs, *hs1, *As, *hs3, *acts)
+        return y_ND if packed else tuple(ys)
 
     @staticmethod
     def backward(ctx, *grad_ys):
@@ -170,30 +184,38 @@ class _ExpertLoop(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_ys):
-        E = ctx.num_blocks
+        E, counts, dtype = ctx.num_blocks, ctx.counts, ctx.dtype
+        packed = counts is not None
+        n_x = 1 if packed else E
         saved = ctx.saved_tensors
         w1, w3, w2 = saved[:3]
-        xs = saved[3:3 + E]
-        hs1 = saved[3 + E:3 + 2 * E]
-        As = saved[3 + 2 * E:3 + 3 * E]
-        hs3 = saved[3 + 3 * E:3 + 4 * E] if ctx.has_w3 else [None] * E
-        acts = saved[3 + 4 * E:3 + 5 * E] if ctx.has_w3 else [None] * E
-        dtype = ctx.dtype
-        w1c, w2c = w1.to(dtype), w2.to(dtype)
-        w3c = w3.to(dtype) if w3 is not None else None
-        need_w1, need_w3, need_w2 = ctx.needs_input_grad[2:5]
+        xs = saved[3:3 + n_x]
+        rest = saved[3 + n_x:]
+        hs1, As = rest[:E], rest[E:2 * E]
+        hs3 = rest[2 * E:3 * E] if ctx.has_w3 else [None] * E
+        acts = rest[3 * E:4 * E] if ctx.has_w3 else [None] * E
+        x_blocks = xs[0].to(dtype).split(counts) if packed else [x.to(dtype) for x in xs]
+        g_y_blocks = grad_ys[0].to(dtype).split(counts) if packed \
+            else [g.to(dtype) for g in grad_ys]
+        w1s, w2s = w1.to(dtype).unbind(0), w2.to(dtype).unbind(0)
+        w3s = w3.to(dtype).unbind(0) if w3 is not None else None
+        need_w1, need_w3, need_w2 = ctx.needs_input_grad[3:6]
+        need_x = ctx.needs_input_grad[6:]
         # One stacked gradient per weight, filled slice by slice.
         g_w1 = stacked_grad_buffer(w1) if need_w1 else None
         g_w3 = stacked_grad_buffer(w3) if need_w3 else None
         g_w2 = stacked_grad_buffer(w2) if need_w2 else None
+        g_x_ND = g_x_blocks = None
+        if packed and need_x[0]:
+            g_x_ND = xs[0].new_empty(xs[0].shape, dtype=dtype)
+            g_x_blocks = g_x_ND.split(counts)
         g_xs: List[Optional[torch.Tensor]] = []
         for e in range(E):
-            x_nD = xs[e].to(dtype)
-            g_y = grad_ys[e].to(dtype)
+            x_nD, g_y = x_blocks[e], g_y_blocks[e]
             h1, h3, a, act1 = hs1[e], hs3[e], As[e], acts[e]
             if need_w2:
                 _mm_into(g_w2[e], a.t(), g_y)
-            g_a = g_y @ w2c[e].t()
+            g_a = g_y @ w2s[e].t()
             if h3 is not None:
                 g_h3 = g_a * act1
                 g_h1 = _activation_backward(ctx.activation, g_a * h3, h1)
@@ -204,14 +226,20 @@ class _ExpertLoop(torch.autograd.Function):
                 _mm_into(g_w1[e], x_nD.t(), g_h1)
             if need_w3:
                 _mm_into(g_w3[e], x_nD.t(), g_h3)
-            if ctx.needs_input_grad[5 + e]:
-                g_x = g_h1 @ w1c[e].t()
+            if g_x_blocks is not None:
+                torch.mm(g_h1, w1s[e].t(), out=g_x_blocks[e])
                 if g_h3 is not None:
-                    g_x = g_x.addmm_(g_h3, w3c[e].t())
+                    g_x_blocks[e].addmm_(g_h3, w3s[e].t())
+            elif not packed and need_x[e]:
+                g_x = g_h1 @ w1s[e].t()
+                if g_h3 is not None:
+                    g_x = g_x.addmm_(g_h3, w3s[e].t())
                 g_xs.append(g_x.to(ctx.x_dtypes[e]))
-            else:
+            elif not packed:
                 g_xs.append(None)
-        return (None, None, g_w1, g_w3, g_w2, *g_xs)
+        if packed:
+            g_xs = [None if g_x_ND is None else g_x_ND.to(ctx.x_dtypes[0])]
+        return (None, None, None, g_w1, g_w3, g_w2, *g_xs)
 
 
 def loop_experts(x_blocks: Sequence[torch.Tensor], w1: torch.Tensor, w3: Optional[torch.Tensor],
@@ -222,4 +250,15 @@ def loop_experts(x_blocks: Sequence[torch.Tensor], w1: torch.Tensor, w3: Optiona
         return ()
     dtype = compute_dtype(x_blocks[0], w1)
     with torch.autocast(device_type=x_blocks[0].device.type, enabled=False):
-        return _ExpertLoop.apply(activation, dtype, w1, w3, w2, *x_blocks)
+        return _ExpertLoop.apply(activation, dtype, None, w1, w3, w2, *x_blocks)
+
+
+def loop_experts_packed(x_ND: torch.Tensor, counts: Sequence[int], w1: torch.Tensor,
+                        w3: Optional[torch.Tensor], w2: torch.Tensor, activation: str
+                        ) -> torch.Tensor:
+    """The loop on rows ``x_ND`` grouped by expert (``counts[e]`` rows each,
+    host ints); returns ``[N, D]`` outputs in the same order (in the autocast
+    dtype under autocast)."""
+    dtype = compute_dtype(x_ND, w1)
+    with torch.autocast(device_type=x_ND.device.type, enabled=False):
+        return _ExpertLoop.apply(activation, dtype, tuple(counts), w1, w3, w2, x_ND)

@@ -14,8 +14,18 @@ from torch import nn
 from moe_train.config import check_choice
 from moe_train.model.mlp import ACTIVATIONS
 from moe_train.moe.expert_impls import (compute_dtype, grouped_mm_experts,
-                                        grouped_mm_unavailable_reason, loop_experts, resolve_impl)
+                                        grouped_mm_unavailable_reason, loop_experts,
+                                        loop_experts_packed, resolve_impl)
 from moe_train.moe.routing import RoutingDecision
+
+
+BLOCKS_MIN_BYTES = 32 * 2 ** 20
+"""glibc serves blocks of this size and more (its largest dynamic mmap
+threshold on 64-bit) with a fresh mmap that page-faults in every step, so
+above it the routed rows travel as per-expert blocks, which its heap
+recycles. Measured on CPU (docs/performance.md): blocks win at T=8192, K=2,
+D=512 (an [N, D] fp32 tensor of exactly 32 MiB); one [N, D] tensor saves
+0.6 to 1.4 ms of a 32 ms layer at the tiny config (E=8, D=128)."""
 
 
 class Experts(nn.Module):
@@ -96,11 +106,17 @@ class Experts(nn.Module):
         the autocast dtype or the promoted dtype of rows and weights)."""
         return self.resolved_impl(x.device, compute_dtype(x, self.w1))
 
-    def wants_blocks(self, x: torch.Tensor) -> bool:
-        """True when the implementation for rows like ``x`` prefers one
-        routed block per expert (``loop``) to one ``[N, D]`` tensor
-        (``grouped_mm``)."""
-        return self.impl_for(x) == "loop"
+    def wants_blocks(self, x: torch.Tensor, num_rows: Optional[int] = None) -> bool:
+        """True when the implementation for ``num_rows`` routed rows like
+        ``x`` prefers one block per expert to one ``[N, D]`` tensor: the loop
+        on CPU once an ``[N, D]`` tensor would reach glibc's largest mmap
+        threshold (see :data:`BLOCKS_MIN_BYTES`). Below it one gather and one
+        scatter beat E of each; grouped_mm always takes the tensor."""
+        if self.impl_for(x) != "loop":
+            return False
+        if x.device.type != "cpu" or num_rows is None:
+            return True
+        return num_rows * x.shape[-1] * x.element_size() >= BLOCKS_MIN_BYTES
 
     def forward(self, x_routed: Union[Sequence[torch.Tensor], torch.Tensor],
                 tokens_per_local_expert: torch.Tensor
@@ -137,12 +153,10 @@ class Experts(nn.Module):
             if as_list:
                 return list(torch.split(y_ND, [x.shape[0] for x in x_routed]))
             return y_ND
-        blocks = list(x_routed) if as_list else list(
-            torch.split(x_routed, tokens_per_local_expert.tolist()))
-        y_blocks = list(loop_experts(blocks, self.w1, self.w3, self.w2, self.activation))
         if as_list:
-            return y_blocks
-        return torch.cat(y_blocks) if y_blocks else x_routed.new_zeros(x_routed.shape)
+            return list(loop_experts(x_routed, self.w1, self.w3, self.w2, self.activation))
+        return loop_experts_packed(x_routed, tokens_per_local_expert.tolist(), self.w1, self.w3,
+                                   self.w2, self.activation)
 
     def expert_forward(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
         """Local expert ``e`` on rows ``x_nD`` with plain autograd ops (for

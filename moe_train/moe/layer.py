@@ -99,10 +99,12 @@ class MoELayer(nn.Module):
         if self.cfg.expert_impl == "reference":
             y_TD = self.experts.reference_forward(x_TD, decision)
         else:
-            # The loop wants one block per expert (no [N,D] temporaries on
-            # CPU); grouped_mm one [N,D] tensor with its counts on the device.
+            # The loop on CPU takes one block per expert once an [N,D]
+            # tensor would be a fresh mmap each step; otherwise, and for
+            # grouped_mm, one [N,D] tensor (counts stay on the device).
             x_routed_ND, tokens_per_local_expert, meta = self.dispatcher.dispatch(
-                x_TD, decision, blocks=self.experts.wants_blocks(x_TD))
+                x_TD, decision,
+                blocks=self.experts.wants_blocks(x_TD, decision.token_index.numel()))
             y_routed_ND = self.experts(x_routed_ND, tokens_per_local_expert)
             y_TD = self.dispatcher.combine(y_routed_ND, meta)
         if self.shared_experts is not None:

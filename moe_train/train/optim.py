@@ -50,7 +50,23 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
         {"params": [params[n] for n in no_decay], "weight_decay": 0.0, "name": "no_decay"},
     ]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=fused_supported(params.values()))
+
+
+FUSED_DEVICES = ("cpu", "cuda")
+"""Device types of torch's fused AdamW kernel."""
+
+
+def fused_supported(params) -> bool:
+    """True when torch's fused AdamW (one kernel over all tensors) can step
+    ``params``: floating point, all on one device type it supports. On CPU
+    the default is the per-tensor loop, measured 3x slower at 3.5M
+    parameters in 54 tensors (docs/performance.md); the fused one also takes
+    FSDP's DTensor parameters."""
+    types = {p.device.type for p in params}
+    return len(types) == 1 and types <= set(FUSED_DEVICES) \
+        and all(p.is_floating_point() for p in params)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -328,3 +328,15 @@ def test_bf16_autocast_close_to_fp32_reference(impl):
             y = run_impl(experts, impl, x, decision)
     assert y.dtype == torch.float32  # combine sums in the gates' fp32
     torch.testing.assert_close(y, ref, rtol=4 * 2 ** -8, atol=0.05)
+
+
+def test_loop_takes_blocks_only_from_the_mmap_threshold_up():
+    from moe_train.moe.experts import BLOCKS_MIN_BYTES
+    experts = Experts(4, 8, 8, "swiglu", impl="loop")
+    x = torch.zeros(3, 8)
+    rows_at_threshold = BLOCKS_MIN_BYTES // (8 * 4)
+    assert experts.wants_blocks(x, rows_at_threshold)
+    assert not experts.wants_blocks(x, rows_at_threshold - 1)
+    assert experts.wants_blocks(x)  # row count unknown: blocks, the safe side
+    experts.impl = "grouped_mm"
+    assert not experts.wants_blocks(x, rows_at_threshold)

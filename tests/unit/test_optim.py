@@ -1,5 +1,6 @@
 """Optimizer groups and the learning-rate schedule, against the rules and the
 formula written out here independently of moe_train.train.optim."""
+import copy
 import math
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 
 from moe_train.config import TrainConfig, config_from_dict
 from moe_train.model.transformer import build_model
-from moe_train.train.optim import build_optimizer, build_scheduler, lr_at, split_decay
+from moe_train.train.optim import (build_optimizer, build_scheduler, fused_supported, lr_at,
+                                   split_decay)
 
 
 def tiny_model(tie=False, norm="rmsnorm"):
@@ -95,3 +97,32 @@ def test_schedule_landmarks():
     assert lr_at(100, cfg) == pytest.approx(0.1)     # stays at the floor
     decay = [lr_at(s, cfg) for s in range(4, 15)]
     assert all(a >= b for a, b in zip(decay, decay[1:]))
+
+
+def test_fused_adamw_steps_like_the_per_tensor_loop():
+    # The trainer's optimizer takes torch's fused kernel where it can; the
+    # reference is torch's plain per-tensor AdamW (foreach=False) on a copy.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(11, 6), torch.nn.Linear(6, 5),
+                                torch.nn.LayerNorm(5))
+    ref_model = copy.deepcopy(model)
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
+    opt = build_optimizer(model, cfg)
+    assert opt.defaults["fused"]
+    ref = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]}
+                             for g in build_optimizer(ref_model, cfg).param_groups],
+                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
+    for step in range(3):
+        for m, o in ((model, opt), (ref_model, ref)):
+            o.zero_grad(set_to_none=True)
+            g = torch.Generator().manual_seed(step)
+            m(torch.randint(0, 11, (4,), generator=g)).pow(2).sum().backward()
+            o.step()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_needs_one_supported_device_type():
+    assert fused_supported([torch.zeros(2)])
+    assert not fused_supported([torch.zeros(2, device="meta")])
+    assert not fused_supported([torch.zeros(2, dtype=torch.long)])

@@ -312,7 +312,9 @@ def _restore(param: torch.Tensor, stacked: bool, values, topology):
     AdamW's step is the same under every expert: the first is taken)."""
     if not stacked:
         value = values[0]
-        return _local(value, param, topology) if torch.is_tensor(value) else value
+        # Contiguous like the parameter: a row-parallel slice is a strided
+        # view, which torch's fused AdamW kernel would read as if dense.
+        return _local(value, param, topology).contiguous() if torch.is_tensor(value) else value
     first = values[0]
     if not torch.is_tensor(first) or first.dim() == 0:
         return first

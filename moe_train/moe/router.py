@@ -326,13 +326,18 @@ class ExpertChoiceRouter(nn.Module):
                 token_GEk = member_GEk * seq + group_G[:, None, None]
                 rank_k = torch.arange(k_max, device=x_TD.device)
                 keep_GEk = rank_k[None, None, :] < k_GE[:, :, None]
+                # The layer's one host sync: how many slots the schedule
+                # fills (one nonzero, then gathers; not three boolean masks).
+                kept_N = keep_GEk.reshape(-1).nonzero().squeeze(1)
             else:
                 scores_GET = probs_TE.t().unsqueeze(0)                                 # [1, E, T]
                 k = expert_choice_k(T, E, self.capacity_factor)
                 gates_GEk, token_GEk = scores_GET.topk(k, dim=-1)
-                keep_GEk = torch.ones_like(token_GEk, dtype=torch.bool)
+                kept_N = None  # every expert keeps its k: no sync
             expert_GEk = torch.arange(E, device=x_TD.device)[None, :, None].expand_as(token_GEk)
-            token_index = token_GEk[keep_GEk]
+            token_index, expert_index, weight = (
+                t.reshape(-1) if kept_N is None else t.reshape(-1).index_select(0, kept_N)
+                for t in (token_GEk, expert_GEk, gates_GEk))
             chosen_T = torch.zeros(T, dtype=torch.bool, device=x_TD.device)
             chosen_T[token_index] = True
             losses: Dict[str, torch.Tensor] = {}
@@ -340,8 +345,8 @@ class ExpertChoiceRouter(nn.Module):
                 losses["z_loss"] = L.z_loss(logits_TE, self.z_loss_coef)
             return RoutingDecision(
                 token_index=token_index,
-                expert_index=expert_GEk[keep_GEk],
-                weight=gates_GEk[keep_GEk],
+                expert_index=expert_index,
+                weight=weight,
                 logits=logits_TE,
                 probs=probs_TE,
                 num_experts=E,

@@ -203,11 +203,11 @@ def test_ep_layer_equals_ep1(ep_run, case, impl):
 
 # Host syncs of one EP layer's forward and backward with grouped_mm: the
 # split sizes all_to_all_single needs (one copy of both lists), plus the one
-# of capacity (how many assignments were kept). Expert choice's slot schedule
-# selects with boolean masks (its router is not held to a budget yet): only
-# the exchange is checked there.
+# of capacity or of expert choice's slot schedule (how many assignments were
+# kept).
 SYNC_BUDGET = {"token_choice_k1_dropless": 1, "token_choice_k2_dropless_shared": 1,
-               "token_choice_k2_capacity_1": 2}
+               "token_choice_k2_capacity_1": 2, "expert_choice_position": 2,
+               "expert_choice_position_c1": 2}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -215,8 +215,7 @@ def test_ep_grouped_mm_host_syncs(ep_run, case):
     _, reports = ep_run
     for rank, report in enumerate(reports):
         syncs = report[f"{case}/grouped_mm"]["syncs"]
-        if SYNC_BUDGET.get(case) is not None:
-            assert sum(syncs.values()) <= SYNC_BUDGET[case], (rank, syncs)
+        assert sum(syncs.values()) <= SYNC_BUDGET[case], (rank, syncs)
         assert syncs.get("tolist", 0) == 1, (rank, syncs)   # the split-size exchange
 
 

@@ -4,7 +4,8 @@ TorchDispatchMode over the ops that synchronise on CUDA (tests/sync_counter.py):
 
 - dropless token choice at EP=1: none (router top-k, permute, dispatch,
   grouped experts, combine, losses, stats; forward and backward);
-- capacity (drops): at most one (how many assignments were kept);
+- capacity (drops) and expert choice by position: at most one (how many
+  assignments were kept); expert choice over the batch: none;
 - the counter itself sees what it must (a test that it can fail).
 
 The EP>1 budget (only the split-size exchange) is checked in
@@ -51,9 +52,21 @@ def test_dropless_grouped_mm_makes_no_host_sync(overrides):
     assert counter.total == 0, dict(counter.counts)
 
 
-def test_capacity_makes_at_most_one_host_sync():
-    counter = run_layer(capacity_factor=1.0)
+@pytest.mark.parametrize("overrides", [
+    {"capacity_factor": 1.0},
+    {"router": "expert_choice", "z_loss_coef": 1e-3},
+    {"router": "expert_choice", "capacity_factor": 1.0},
+], ids=["token_choice_capacity", "expert_choice_position", "expert_choice_position_c1"])
+def test_capacity_makes_at_most_one_host_sync(overrides):
+    counter = run_layer(**overrides)
     assert counter.total <= 1, dict(counter.counts)
+
+
+def test_expert_choice_over_the_batch_makes_no_host_sync():
+    # Every expert keeps exactly its k of the one group: shapes are known.
+    with pytest.warns(UserWarning, match="leaks the future"):
+        counter = run_layer(router="expert_choice", expert_choice_group="batch")
+    assert counter.total == 0, dict(counter.counts)
 
 
 def test_the_counter_sees_every_kind():

@@ -11,8 +11,8 @@ aux losses, backward; then gradient clipping and the trainer's AdamW
   small  D=512, 4 layers, 8 heads, E=16, K=2, F=1024, 8 x 256 tokens
 
 and for each its dense twin: num_experts 0 and a dense ffn of width K*F, the
-same active parameters (up to the router), and moe+proto: the MoE model with
-prototypes 3+4 of prototypes.py applied to every MoE layer. Steps of the two models are
+same active parameters (up to the router). (The moe+proto variant of earlier
+runs is gone: prototypes 3+4 became moe_train's own path.) Steps of the two models are
 interleaved; the figure is the median over repeats after warm-up (process
 CPU time with one thread on CPU, see moe_layer.py; wall time on GPU).
 
@@ -69,7 +69,7 @@ def active_params(model) -> int:
     return n
 
 
-def make_step(cfg, device, clock: str = "wall", proto: bool = False):
+def make_step(cfg, device, clock: str = "wall"):
     from moe_train.data.tokenizer import ByteTokenizer
     from moe_train.data.vocab import padded_vocab_size
     from moe_train.model.transformer import build_model
@@ -77,12 +77,6 @@ def make_step(cfg, device, clock: str = "wall", proto: bool = False):
         cfg.model.vocab_size = padded_vocab_size(ByteTokenizer.vocab_size)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, cfg.moe).to(device)
-    if proto:
-        import prototypes
-        from moe_train.moe.layer import MoELayer
-        for m in model.modules():
-            if isinstance(m, MoELayer):
-                prototypes.apply_prototype(m, gather_chunks=True)
     model.train()
     try:  # the trainer's optimizer (decay / no-decay groups)
         from moe_train.train.optim import build_optimizer
@@ -151,8 +145,8 @@ def main(argv=None):
         cfg = load_config(tiny_path, overrides)
         dcfg = load_config(tiny_path, dense_twin(overrides, cfg))
         runs = {}
-        for kind, c in (("moe", cfg), ("dense", dcfg), ("moe+proto", cfg)):
-            step, model, tokens, total, opt_s = make_step(c, device, clock, proto=kind == "moe+proto")
+        for kind, c in (("moe", cfg), ("dense", dcfg)):
+            step, model, tokens, total, opt_s = make_step(c, device, clock)
             n_act = active_params(model)
             m = c.model
             flops = 6 * n_act * tokens + 12 * m.num_layers * c.train.seq_len * m.hidden_size * tokens
@@ -171,8 +165,6 @@ def main(argv=None):
         fb_ratio = common.median([d / m for m, d in zip(fb, fb_dense)])
         rows.append([label, "moe / dense throughput", "", "", "", ratio, "", "", "", ""])
         rows.append([label, "same, without clip+AdamW", "", "", "", fb_ratio, "", "", "", ""])
-        proto_ratio = common.median([m / p_ for m, p_ in zip(times["moe"], times["moe+proto"])])
-        rows.append([label, "moe+proto / moe throughput", "", "", "", proto_ratio, "", "", "", ""])
         print(f"  {label}: done", flush=True)
         del runs
     unit = "tokens/s per core" if cpu_time else "tokens/s"

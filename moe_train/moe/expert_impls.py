@@ -124,6 +124,19 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         out.copy_(a @ b)
 
 
+def _blocks(tensors: Sequence[torch.Tensor], counts, dtype: torch.dtype) -> Sequence[torch.Tensor]:
+    # The per-expert blocks in ``dtype``: views of the one packed tensor
+    # (``counts`` host ints), or the E blocks themselves.
+    if counts is not None:
+        return tensors[0].to(dtype).split(counts)
+    return [t.to(dtype) for t in tensors]
+
+
+def _experts_of(weight: Optional[torch.Tensor], dtype: torch.dtype):
+    # Each expert's slice of a stacked weight, in ``dtype`` (None stays None).
+    return None if weight is None else weight.to(dtype).unbind(0)
+
+
 class _ExpertLoop(torch.autograd.Function):
     """Expert e on block e for every local expert, with hand-written backward.
 
@@ -141,9 +154,8 @@ class _ExpertLoop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, activation: str, dtype: torch.dtype, counts, w1, w3, w2, *xs):
         packed = counts is not None
-        x_blocks = xs[0].to(dtype).split(counts) if packed else [x.to(dtype) for x in xs]
-        w1s, w2s = w1.to(dtype).unbind(0), w2.to(dtype).unbind(0)
-        w3s = w3.to(dtype).unbind(0) if w3 is not None else None
+        x_blocks = _blocks(xs, counts, dtype)
+        w1s, w3s, w2s = (_experts_of(w, dtype) for w in (w1, w3, w2))
         y_blocks = None
         if packed:
             y_ND = xs[0].new_empty(xs[0].shape[0], w2.shape[-1], dtype=dtype)
@@ -194,11 +206,8 @@ class _ExpertLoop(torch.autograd.Function):
         hs1, As = rest[:E], rest[E:2 * E]
         hs3 = rest[2 * E:3 * E] if ctx.has_w3 else [None] * E
         acts = rest[3 * E:4 * E] if ctx.has_w3 else [None] * E
-        x_blocks = xs[0].to(dtype).split(counts) if packed else [x.to(dtype) for x in xs]
-        g_y_blocks = grad_ys[0].to(dtype).split(counts) if packed \
-            else [g.to(dtype) for g in grad_ys]
-        w1s, w2s = w1.to(dtype).unbind(0), w2.to(dtype).unbind(0)
-        w3s = w3.to(dtype).unbind(0) if w3 is not None else None
+        x_blocks, g_y_blocks = _blocks(xs, counts, dtype), _blocks(grad_ys, counts, dtype)
+        w1s, w3s, w2s = (_experts_of(w, dtype) for w in (w1, w3, w2))
         need_w1, need_w3, need_w2 = ctx.needs_input_grad[3:6]
         need_x = ctx.needs_input_grad[6:]
         # One stacked gradient per weight, filled slice by slice.
@@ -226,17 +235,14 @@ class _ExpertLoop(torch.autograd.Function):
                 _mm_into(g_w1[e], x_nD.t(), g_h1)
             if need_w3:
                 _mm_into(g_w3[e], x_nD.t(), g_h3)
-            if g_x_blocks is not None:
-                torch.mm(g_h1, w1s[e].t(), out=g_x_blocks[e])
+            want_x = g_x_blocks is not None if packed else need_x[e]
+            if want_x:
+                g_x = g_x_blocks[e] if packed else x_nD.new_empty(x_nD.shape)
+                torch.mm(g_h1, w1s[e].t(), out=g_x)
                 if g_h3 is not None:
-                    g_x_blocks[e].addmm_(g_h3, w3s[e].t())
-            elif not packed and need_x[e]:
-                g_x = g_h1 @ w1s[e].t()
-                if g_h3 is not None:
-                    g_x = g_x.addmm_(g_h3, w3s[e].t())
-                g_xs.append(g_x.to(ctx.x_dtypes[e]))
-            elif not packed:
-                g_xs.append(None)
+                    g_x.addmm_(g_h3, w3s[e].t())
+            if not packed:
+                g_xs.append(g_x.to(ctx.x_dtypes[e]) if want_x else None)
         if packed:
             g_xs = [None if g_x_ND is None else g_x_ND.to(ctx.x_dtypes[0])]
         return (None, None, None, g_w1, g_w3, g_w2, *g_xs)

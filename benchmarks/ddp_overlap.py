@@ -7,7 +7,7 @@ side by side on ``--world`` gloo ranks (one thread each), step by step on
 the same rows, each through the trainer's own ``NativeEngine`` (forward,
 backward of 2 accumulated micro-batches, ``clip``, ``step``):
 
-- ``allreduce``: ``NativeEngine.replicate_with = "allreduce"``, the old
+- ``allreduce``: ``NativeEngine(..., replicate_with="allreduce")``, the old
   path: backward, then ``moe_train.parallel.sync_gradients`` (bucketed
   all-reduce after the backward, no overlap);
 - ``ddp``: the trainer's path now (``moe_train.parallel.ddp``): torch
@@ -54,11 +54,7 @@ def _engine(cfg, topo, path):
     from moe_train.train.engine_native import NativeEngine
 
     model = build_parallel_model(cfg.model, cfg.moe, topo, 0, topo.device)
-    NativeEngine.replicate_with = path
-    try:
-        return NativeEngine(model, cfg, topo, ACCUM)
-    finally:
-        NativeEngine.replicate_with = "ddp"
+    return NativeEngine(model, cfg, topo, ACCUM, replicate_with=path)
 
 
 def _layout(rank, world, cfg, ep, steps, warmup):

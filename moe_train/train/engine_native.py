@@ -34,21 +34,19 @@ class NativeEngine(Engine):
 
     _norm = None  # set by clip() until step() or skip() uses it
 
-    replicate_with = "ddp"
-    """How a replicated run reduces gradients: ``ddp`` (torch DDP, overlapped
-    with the backward) or ``allreduce`` (the hand-written
-    :func:`moe_train.parallel.sync_gradients` after the backward). Read when
-    an engine is built; benchmarks/ddp_overlap.py and the tests set it to
-    compare the two."""
-
-    def __init__(self, model: nn.Module, cfg: Config, topology, accum: int):
+    def __init__(self, model: nn.Module, cfg: Config, topology, accum: int,
+                 replicate_with: str = "ddp"):
+        """``replicate_with``: how a replicated run reduces gradients, ``ddp``
+        (torch DDP, overlapped with the backward; the trainer's) or
+        ``allreduce`` (the hand-written :func:`moe_train.parallel.sync_gradients`
+        after the backward; benchmarks/ddp_overlap.py and the tests compare
+        the two)."""
         self.model, self.cfg, self.topology, self.accum = model, cfg, topology, accum
         self.sharded = cfg.parallel.dp_shard_size > 1
-        if self.replicate_with not in ("ddp", "allreduce"):
-            raise ValueError(f"NativeEngine.replicate_with must be ddp or allreduce, "
-                             f"got {self.replicate_with!r}")
+        if replicate_with not in ("ddp", "allreduce"):
+            raise ValueError(f"replicate_with must be ddp or allreduce, got {replicate_with!r}")
         self.ddp = (replicate(model, topology)
-                    if not self.sharded and topology.dp_size > 1 and self.replicate_with == "ddp"
+                    if not self.sharded and topology.dp_size > 1 and replicate_with == "ddp"
                     else None)
         self._forwards = 0  # training forwards since the last step: the last one syncs
         self.optimizer = build_optimizer(model, cfg.train)

@@ -51,11 +51,7 @@ def _engine(cfg, topo, mode, path):
 
     model = build_parallel_model(cfg.model, cfg.moe, topo, cfg.train.seed, topo.device)
     apply_recompute(model, mode).train()
-    NativeEngine.replicate_with = path
-    try:
-        return NativeEngine(model, cfg, topo, ACCUM)
-    finally:
-        NativeEngine.replicate_with = "ddp"
+    return NativeEngine(model, cfg, topo, ACCUM, replicate_with=path)
 
 
 def _grads(model):

@@ -198,8 +198,7 @@ def mark_tensor_parallel_params(model: nn.Module) -> nn.Module:
     row-parallel linear of ``model``. Wrappers that replace the Parameter
     objects (FSDP2's ``fully_shard``, ``to_empty``) drop them, and
     :func:`is_tensor_parallel_param` reads them. Returns ``model``."""
-    kinds = {cls: dim for kind, cls in _CLASSES.items()
-             for dim in [_COLUMN if kind == "column" else _ROW]}
+    kinds = {cls: _COLUMN if kind == "column" else _ROW for kind, cls in _CLASSES.items()}
     for module in model.modules():
         dim = kinds.get(type(module))
         weight = getattr(module, "weight", None)

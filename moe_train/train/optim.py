@@ -51,7 +51,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     ]
     groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             fused=fused_supported(params.values()))
+                             fused=fused_supported([p for g in groups for p in g["params"]]))
 
 
 FUSED_DEVICES = ("cpu", "cuda")

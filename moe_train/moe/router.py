@@ -20,6 +20,7 @@ from moe_train.config import MoEConfig, check_choice
 from moe_train.moe import losses as L
 from moe_train.moe.capacity import capacity_keep_mask, expert_choice_k, token_capacity
 from moe_train.moe.expert_choice_schedule import max_slots, slots_per_expert
+from moe_train.moe.fused_routing import softmax_topk_routing
 from moe_train.moe.routing import RoutingDecision, count_per_expert
 from moe_train.moe.routing_noise import noise_generator
 
@@ -101,6 +102,9 @@ class TokenChoiceRouter(nn.Module):
         # Which layer this router is: part of its routing-noise seed
         # (moe/routing_noise.py). The model sets it; alone it is layer 0.
         self.layer_index = 0
+        # False routes with plain autograd ops: the reference the fused
+        # Function (moe/fused_routing.py) is tested against.
+        self.fused = True
         check_choice("moe.score_order", self.score_order)
         check_choice("moe.aux_loss", self.aux_loss)
         if self.expert_bias_update_rate < 0:
@@ -189,6 +193,8 @@ class TokenChoiceRouter(nn.Module):
         gen = noise_generator(self.layer_index, x_TD.device) if draws else None
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             x_TD = _router_input(x_TD, batch, seq, self.training, self.jitter_eps, gen)
+            if self._takes_fused_path():
+                return self._route_fused(x_TD, batch, seq)
             logits_TE = _fp32_logits(x_TD, self.weight)
             scores_TE, noise_std_TE = logits_TE, None
             if self.noisy_gating:
@@ -208,33 +214,62 @@ class TokenChoiceRouter(nn.Module):
             losses = self._losses(logits_TE, scores_TE, noise_std_TE, loss_ids_TK, loss_gates_TK,
                                   batch, seq)
 
-            capacity = token_capacity(T, self.top_k, self.num_experts,
-                                      self.capacity_factor, self.min_capacity)
-            token_N = torch.arange(T, device=x_TD.device).repeat_interleave(
-                self.top_k, output_size=T * self.top_k)
-            expert_N, weight_N = ids_TK.reshape(-1), gates_TK.reshape(-1)
-            if capacity is None:
-                # Dropless keeps all T*K assignments: no mask, no host sync.
-                dropped = torch.zeros((), dtype=torch.float32, device=x_TD.device)
-            else:
-                keep_TK = capacity_keep_mask(ids_TK, self.num_experts, capacity, batch, seq,
-                                             self.capacity_priority)
-                dropped = 1.0 - keep_TK.sum().float() / keep_TK.numel()
-                # The one host sync of a capacity layer: how many were kept.
-                kept_N = keep_TK.reshape(-1).nonzero().squeeze(1)
-                token_N, expert_N, weight_N = (t.index_select(0, kept_N)
-                                               for t in (token_N, expert_N, weight_N))
-            return RoutingDecision(
-                token_index=token_N,
-                expert_index=expert_N,
-                weight=weight_N,
-                logits=logits_TE,
-                probs=logits_TE.softmax(-1),
-                num_experts=self.num_experts,
-                dropped_fraction=dropped,
-                losses=losses,
-                selected_per_expert=count_per_expert(ids_TK, self.num_experts).detach(),
-            )
+            return self._decision(ids_TK, gates_TK, logits_TE, logits_TE.softmax(-1),
+                                  count_per_expert(ids_TK, self.num_experts), losses, batch, seq)
+
+    def _takes_fused_path(self) -> bool:
+        # The fused Function covers the default router (softmax then top-K,
+        # Switch or per-sequence loss, z-loss, capacity, jitter); noise,
+        # the expert bias and the other order and loss take plain autograd.
+        return (self.fused and self.score_order == "softmax_then_topk" and not self.noisy_gating
+                and self.expert_bias is None and self.aux_loss in ("switch", "sequence", "none"))
+
+    def _route_fused(self, x_TD: torch.Tensor, batch: int, seq: int) -> RoutingDecision:
+        logits_TE = _fp32_logits(x_TD, self.weight)
+        r = softmax_topk_routing(
+            logits_TE, self.top_k, self.normalize_topk and self.top_k > 1,
+            balance_groups=batch if self.aux_loss == "sequence" else 1,
+            balance_coef=None if self.aux_loss == "none" else self.aux_loss_coef,
+            z_coef=self.z_loss_coef if self.z_loss_coef > 0 else None)
+        losses: Dict[str, torch.Tensor] = {}
+        if r.balance_loss is not None:
+            losses["load_balancing"] = r.balance_loss
+        if r.z_loss is not None:
+            losses["z_loss"] = r.z_loss
+        return self._decision(r.expert_ids_TK, r.gates_TK, logits_TE, r.probs_TE,
+                              r.selected_E, losses, batch, seq)
+
+    def _decision(self, ids_TK, gates_TK, logits_TE, probs_TE, selected_E, losses,
+                  batch: int, seq: int) -> RoutingDecision:
+        # Every top-K assignment, or with a capacity those that fit.
+        T = ids_TK.shape[0]
+        capacity = token_capacity(T, self.top_k, self.num_experts,
+                                  self.capacity_factor, self.min_capacity)
+        token_N = torch.arange(T, device=ids_TK.device).repeat_interleave(
+            self.top_k, output_size=T * self.top_k)
+        expert_N, weight_N = ids_TK.reshape(-1), gates_TK.reshape(-1)
+        if capacity is None:
+            # Dropless keeps all T*K assignments: no mask, no host sync.
+            dropped = torch.zeros((), dtype=torch.float32, device=ids_TK.device)
+        else:
+            keep_TK = capacity_keep_mask(ids_TK, self.num_experts, capacity, batch, seq,
+                                         self.capacity_priority)
+            dropped = 1.0 - keep_TK.sum().float() / keep_TK.numel()
+            # The one host sync of a capacity layer: how many were kept.
+            kept_N = keep_TK.reshape(-1).nonzero().squeeze(1)
+            token_N, expert_N, weight_N = (t.index_select(0, kept_N)
+                                           for t in (token_N, expert_N, weight_N))
+        return RoutingDecision(
+            token_index=token_N,
+            expert_index=expert_N,
+            weight=weight_N,
+            logits=logits_TE,
+            probs=probs_TE,
+            num_experts=self.num_experts,
+            dropped_fraction=dropped,
+            losses=losses,
+            selected_per_expert=selected_E.detach(),
+        )
 
     def _losses(self, logits_TE, scores_TE, noise_std_TE, ids_TK, gates_TK,
                 batch: int, seq: int) -> Dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import math
 import os
 from typing import Any, List, Optional
 
-from moe_train.config import CHOICES, Config, ConfigError, _check, check_choice
+from moe_train.config_schema import CHOICES, Config, ConfigError, _check, check_choice
 from moe_train.config_limits import check_int_limits, check_limits
 
 

@@ -15,7 +15,7 @@ Two implementations: :class:`moe_train.train.engine_native.NativeEngine`
 (torch: replicated data parallelism or FSDP2) and
 :class:`moe_train.train.engine_deepspeed.DeepSpeedEngine` (``train.deepspeed_config``).
 Both keep moe_train's model, AdamW and warmup + cosine schedule; both write
-checkpoints through the atomic-save protocol of :mod:`moe_train.train.checkpoint`.
+checkpoints through the atomic-save protocol of :mod:`moe_train.train.checkpoint_atomic`.
 """
 from __future__ import annotations
 

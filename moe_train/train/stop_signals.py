@@ -15,7 +15,7 @@ last save.
   SIGUSR1): what a shell reports for a process stopped by that signal, so
   scripts and schedulers see "interrupted", not "finished".
 - A second signal while stopping (e.g. during that save) exits at once with
-  the same status. The save is atomic (checkpoint.py), so the previous
+  the same status. The save is atomic (checkpoint_atomic.py), so the previous
   checkpoint stays the latest and nothing is corrupted.
 
 Handlers can only be installed from the main thread. Under torchrun and the

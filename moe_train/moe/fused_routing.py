@@ -101,11 +101,12 @@ class _SoftmaxTopK(torch.autograd.Function):
 def softmax_topk_routing(logits_TE: torch.Tensor, top_k: int, normalize: bool,
                          balance_groups: int = 1, balance_coef: Optional[float] = None,
                          z_coef: Optional[float] = None) -> FusedRouting:
-    """Route by fp32 router logits ``logits_TE``: gates are the top
-    ``top_k`` of softmax(logits), divided by their sum if ``normalize``. ``balance_coef`` adds the balancing loss over
-    ``balance_groups`` equal runs of rows (1: Switch Eq 4-6 with K choices;
-    the batch rows: DeepSeek-V3's per-sequence loss); ``z_coef`` the ST-MoE
-    z-loss. The logits keep their autograd graph (the router's matmul)."""
+    """Route by fp32 router logits ``logits_TE`` (which keep their autograd
+    graph: the router's matmul). Gates are the top ``top_k`` of
+    softmax(logits), divided by their sum if ``normalize``. ``balance_coef``
+    adds the balancing loss over ``balance_groups`` equal runs of rows (1:
+    Switch Eq 4-6 with K choices; the batch rows: DeepSeek-V3's per-sequence
+    loss); ``z_coef`` the ST-MoE z-loss."""
     T = logits_TE.shape[0]
     if T % balance_groups:
         raise ValueError(f"{T} tokens do not split into {balance_groups} balancing groups")

@@ -188,7 +188,6 @@ class TokenChoiceRouter(nn.Module):
         """Route the T = batch*seq rows of ``x_TD`` (row t = b*seq + s).
         ``positions`` is accepted for the routers' common signature; token
         choice does not use it."""
-        T = x_TD.shape[0]
         draws = self.training and (self.jitter_eps > 0 or self.noisy_gating)
         gen = noise_generator(self.layer_index, x_TD.device) if draws else None
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
@@ -214,7 +213,7 @@ class TokenChoiceRouter(nn.Module):
             losses = self._losses(logits_TE, scores_TE, noise_std_TE, loss_ids_TK, loss_gates_TK,
                                   batch, seq)
 
-            return self._decision(ids_TK, gates_TK, logits_TE, logits_TE.softmax(-1),
+            return self._decision(ids_TK, gates_TK, logits_TE, logits_TE.detach().softmax(-1),
                                   count_per_expert(ids_TK, self.num_experts), losses, batch, seq)
 
     def _takes_fused_path(self) -> bool:

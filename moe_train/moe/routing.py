@@ -39,7 +39,9 @@ class RoutingDecision:
     logits: torch.Tensor
     """[T, E] fp32 router logits (before noise)."""
     probs: torch.Tensor
-    """[T, E] fp32 router probabilities softmax(logits)."""
+    """[T, E] fp32 router probabilities softmax(logits). From token choice
+    they carry no gradient (its losses are computed inside the router);
+    expert choice's are the tensor its gates are taken from."""
     num_experts: int
     """E."""
     dropped_fraction: torch.Tensor

@@ -61,7 +61,7 @@ def _layout(rank, world, cfg, ep, steps, warmup):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from moe_train.train.trainer import _lm_loss
+    from moe_train.train.trainer_step import _lm_loss
     from tests.distributed.harness import init_topology_gloo
 
     topo = init_topology_gloo(expert_parallel_size=ep)

@@ -19,8 +19,6 @@ copy (it steals a gradient no other tensor object references).
 """
 from __future__ import annotations
 
-from typing import List, Tuple
-
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 

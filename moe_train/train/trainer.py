@@ -64,9 +64,8 @@ from moe_train.train.flops import PerfMeter
 from moe_train.train.heatmap import load_heatmap
 from moe_train.train.metrics import TB_DIR, MetricsLogger, Progress, can_drop, tensorboard_layout
 from moe_train.train.stop_signals import StopSignals, stopped_line
-# One step, evaluation and a logged step's metrics live in trainer_step.py;
-# _lm_loss is re-exported here for callers of this module.
-from moe_train.train.trainer_step import StepMixin, _lm_loss  # noqa: F401
+# One step, evaluation and a logged step's metrics live in trainer_step.py.
+from moe_train.train.trainer_step import StepMixin
 
 RUN_CONFIG = "config.yaml"
 

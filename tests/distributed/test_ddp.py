@@ -29,7 +29,7 @@ from moe_train.model.recompute import apply_recompute
 from moe_train.moe.routing_noise import keyed_micro_batches
 from moe_train.parallel.build import build_parallel_model
 from moe_train.parallel.grad_sync import split_params
-from moe_train.train.trainer import _lm_loss
+from moe_train.train.trainer_step import _lm_loss
 
 from .harness import init_topology_gloo, run_distributed
 
